@@ -1,0 +1,144 @@
+"""Numbers pass: the compressed Jacobians of one step, from JAX's own `jvp`.
+
+The step is re-evaluated op by op (`_jaxpr.evaluate`) with two changes at
+every synapse ``I = u @ W`` found by the structure pass:
+
+* the presynaptic operand ``u`` is wrapped in ``stop_gradient``, which cuts
+  the recurrent path ``carry -> u -> I`` that e-prop drops, and ``u`` is kept
+  as the synapse's presynaptic Kronecker factor;
+* a zero *probe* ``delta`` is added to ``I``: its tangent gives the
+  postsynaptic factor ``d out / d I``.
+
+Every remaining path is neuron-local, so each Jacobian is diagonal across
+neurons and one `jvp` with an all-ones tangent recovers its diagonal. All
+probes run as lanes of one vmapped linearization: one primal evaluation plus
+``K + S + P`` elementwise tangent evaluations (K carry leaves, S synapses, P
+per-neuron/scalar parameters). Custom JVP rules, ``where`` and nested ``jit``
+are differentiated by JAX itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from flax_eprop.sparse import _jaxpr
+from flax_eprop.sparse.structure import Plan
+
+
+class StepFactors(NamedTuple):
+  """Compressed Jacobians of one step; rows are the K new carry leaves, then
+  the R output leaves (``K + R = plan.num_out``).
+
+  Attributes:
+    carry: ``(*batch, K + R, K, features)``, row-by-carry-leaf blocks of the
+      neuron-local Jacobian ``d out_r[n] / d carry_k[n]``.
+    post: per synapse, ``(*batch, K + R, features)``: ``d out_r[n] / d I[n]``
+      where ``I = u @ W`` is the synapse's output.
+    pre: per synapse, ``(*batch, in)``: the presynaptic activity ``u``.
+    direct: per direct parameter, ``(*batch, K + R, features)``: the
+      diagonal ``d out_r[n] / d p[n]`` (shape ``(features,)`` params) or the
+      column ``d out_r[n] / d p`` (scalar params).
+  """
+
+  carry: jax.Array
+  post: tuple
+  pre: tuple
+  direct: tuple
+
+
+def step_factors(plan: Plan, params, carry, x) -> tuple[list, StepFactors]:
+  """Runs one step and returns its flat outputs and `StepFactors`.
+
+  Args:
+    plan: from `structure.make_plan` for the same shapes.
+    params, carry, x: the step's arguments (pytrees as in the plan).
+
+  Returns:
+    ``(outs, factors)`` where ``outs`` are the flat ``(*new_carry, *y)``
+    leaves.
+  """
+  p_leaves = jax.tree.leaves(params)
+  c_leaves = jax.tree.leaves(carry)
+  x_leaves = jax.tree.leaves(x)
+  direct = [p_leaves[i] for i in plan.direct_params]
+  deltas = [
+    jnp.zeros(s.op.out_avals[0].shape, s.op.out_avals[0].dtype)
+    for s in plan.synapses
+  ]
+
+  def core(c_in, probes, d_in):
+    leaves = list(p_leaves)
+    for i, value in zip(plan.direct_params, d_in):
+      leaves[i] = value
+    pres = [None] * len(plan.synapses)
+
+    def rule(op, values):
+      s = plan.synapse_of(op)
+      if s is None:
+        return None
+      k = 1 - plan.synapses[s].kernel_operand
+      values = list(values)
+      values[k] = jax.lax.stop_gradient(values[k])
+      pres[s] = values[k]
+      (out,) = _jaxpr.bind(op, values)
+      return [out + probes[s]]
+
+    outs = _jaxpr.evaluate(plan.program, [*leaves, *c_in, *x_leaves], rule)
+    return outs, pres
+
+  primals = (c_leaves, deltas, direct)
+  outs, linear, pres = jax.linearize(core, *primals, has_aux=True)
+  lanes = _lanes(primals)
+  tangents = jax.vmap(linear)(*lanes)  # each leaf (L, *batch, features)
+  rows = jnp.moveaxis(jnp.stack(tangents, axis=1), (0, 1), (-2, -3))
+  # rows: (*batch, K + R, L, features)
+  k, s = plan.num_carry, len(plan.synapses)
+  factors = StepFactors(
+    carry=rows[..., :k, :],
+    post=tuple(rows[..., k + i, :] for i in range(s)),
+    pre=tuple(_pre(plan, i, u) for i, u in enumerate(pres)),
+    direct=tuple(rows[..., k + s + i, :] for i in range(len(direct))),
+  )
+  return outs, factors
+
+
+def _lanes(primals) -> list:
+  """One-hot lanes: lane l sets the l-th primal leaf's tangent to ones."""
+  leaves, treedef = jax.tree.flatten(primals)
+  n = len(leaves)
+  lanes = []
+  for i, leaf in enumerate(leaves):
+    onehot = jnp.zeros((n,), leaf.dtype).at[i].set(1)
+    shape = (n,) + (1,) * jnp.ndim(leaf)
+    lanes.append(
+      jnp.broadcast_to(onehot.reshape(shape), (n,) + jnp.shape(leaf))
+    )
+  return list(jax.tree.unflatten(treedef, lanes))
+
+
+def _pre(plan: Plan, i: int, u: Any) -> jax.Array:
+  """The presynaptic factor as ``(*batch, in)``."""
+  u = jnp.moveaxis(u, plan.synapses[i].pre_in_axis, -1)
+  return jnp.broadcast_to(u, (*plan.batch_shape, u.shape[-1]))
+
+
+def kernel_values(plan: Plan, params) -> list[jax.Array]:
+  """The synapse kernels ``W`` as the step computes them from ``params``.
+
+  Evaluates only the parameter-only part of the step (masks, casts), so
+  ``jax.vjp`` of this function maps kernel gradients to parameter gradients.
+  """
+  env = dict(plan.program.consts)
+  env.update(zip(plan.program.invars, jax.tree.leaves(params)))
+  kernels = [None] * len(plan.synapses)
+  read = lambda a: a.value if isinstance(a, _jaxpr.Const) else env[a]
+  for op in plan.program.ops:
+    s = plan.synapse_of(op)
+    if s is not None:
+      kernels[s] = read(op.ins[plan.synapses[s].kernel_operand])
+    elif all(isinstance(a, _jaxpr.Const) or a in env for a in op.ins):
+      env.update(zip(op.outs, _jaxpr.bind(op, [read(a) for a in op.ins])))
+  return kernels
