@@ -17,7 +17,6 @@ from typing import Callable, Literal, Sequence
 import jax
 import jax.numpy as jnp
 
-from flax_eprop.sparse import numbers, structure
 from flax_eprop.sparse.jacobians import (
   CarryJacobian as CarryJacobian,
 )

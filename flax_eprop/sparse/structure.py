@@ -438,7 +438,7 @@ def _concatenate(op: Op, ins):
 
 def _dot_general(op: Op, ins):
   (contract, batch) = op.params['dimension_numbers']
-  for label, c, b in zip(ins, contract, batch):
+  for label, c in zip(ins, contract):
     if label.kind == 'tracked' and label.axes:
       if any(label.axes[d] is not None for d in c):
         raise _nonlocal(
