@@ -134,8 +134,8 @@ def bin_events(
 ) -> Binned:
   """Bins the events of a batch of samples, given as flat event arrays.
 
-  One ``np.bincount`` over flat indices ``(sample, bin, channel // pool)``:
-  no Python loop over samples or events. Events at or after ``max_time`` are
+  Counts the flat indices ``(sample, bin, channel // pool)`` with one
+  ``np.unique``: no Python loop over samples or events. Events at or after ``max_time`` are
   left out; times must be finite and non-negative and units in
   ``[0, channels)`` (the readers check this).
 
@@ -170,9 +170,12 @@ def bin_events(
   k, sample = k[keep], np.asarray(sample, np.int64)[keep]
   units = np.asarray(units, np.int64)[keep] // pool
   flat = (sample * steps + k) * width + units
-  counts = np.bincount(flat, minlength=batch_size * steps * width)
-  x = counts.reshape(batch_size, steps, width)
-  x = x > 0 if binary else np.minimum(x, 255).astype(np.uint8)
+  # Scatter the counts of the occupied cells: a dense int64 bincount of the
+  # whole (B, T, C) block and its conversion to uint8 cost ~8x more.
+  cells, counts = np.unique(flat, return_counts=True)
+  x = np.zeros(batch_size * steps * width, bool if binary else np.uint8)
+  x[cells] = True if binary else np.minimum(counts, 255)
+  x = x.reshape(batch_size, steps, width)
   last = np.full(batch_size, -1, np.int64)
   np.maximum.at(last, sample, k)
   length = np.maximum(last + 1, 1)

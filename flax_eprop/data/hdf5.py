@@ -240,11 +240,14 @@ class SpikeFile:
     j = int(np.flatnonzero(bad)[0])
     k = j - int(np.searchsorted(sample, sample[j]))
     if bad_t[j]:
-      what = f'spike time {t[j]!r} s (event {k}) is not finite and >= 0'
+      why = 'negative' if t[j] < 0 else 'not finite'
+      what = f'spike time {float(t[j])} s (event {k}) is {why}'
     else:
-      what = f'channel id {u[j]} (event {k}) is outside [0, {self.channels})'
+      what = (
+        f'channel id {int(u[j])} (event {k}) is outside [0, {self.channels})'
+      )
     raise SpikeFileError(
-      f"{self.path}: sample {start + sample[j]}: {what}. Pass on_invalid='drop' "
+      f"{self.path}: sample {start + int(sample[j])}: {what}. Pass on_invalid='drop' "
       'to drop such events (they are counted and reported).'
     )
 

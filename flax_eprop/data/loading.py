@@ -6,7 +6,7 @@ size, modification time) and every option that changes the result (``dt``,
 ``max_time``, ``channels``, ``pool``, ``binary``, ``on_invalid``), so changing
 any of them bins again and loading with the same ones memory-maps the Arrow file.
 The binning is a batched ``Dataset.map`` that reads 256 samples at a time from
-the HDF5 file and bins them with one ``np.bincount``.
+the HDF5 file and bins them with one ``np.unique`` over flat indices.
 """
 
 from __future__ import annotations
