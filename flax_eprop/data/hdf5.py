@@ -133,12 +133,14 @@ class SpikeFile:
 
   Examples:
     >>> import tempfile, numpy as np
-    >>> path = tempfile.mkdtemp() + '/tiny.h5'
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> path = tmp.name + '/tiny.h5'
     >>> write_spikes(path, [np.array([0.0, 0.5])], [np.array([1, 2])], [3])
     >>> with SpikeFile(path) as f:
     ...   ev = f.events(0, 1)
     >>> len(f), f.labels.tolist(), ev.times.tolist(), ev.units.tolist()
     (1, [3], [0.0, 0.5], [1, 2])
+    >>> tmp.cleanup()
   """
 
   def __init__(

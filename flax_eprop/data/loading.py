@@ -91,10 +91,12 @@ def load(
 
   Examples:
     >>> import tempfile
+    >>> tmp = tempfile.TemporaryDirectory()
     >>> ds = load('synthetic-shd', 'test', num_samples=4, pool=10,
-    ...           data_dir=tempfile.mkdtemp(), progress=False)
+    ...           data_dir=tmp.name, progress=False)
     >>> ds.num_rows, ds.features['x'].shape, ds.features['y'].num_classes
     (4, (100, 70), 20)
+    >>> tmp.cleanup()
   """
   if name not in NAMES:
     raise ValueError(f'unknown dataset {name!r}; expected one of {list(NAMES)}')
