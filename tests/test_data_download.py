@@ -1,4 +1,4 @@
-"""Downloading SHD/SSC through a fake opener: success, resume, checksum, offline."""
+"""Downloads through a fake opener: success, resume, checksum, offline."""
 
 import gzip
 import hashlib

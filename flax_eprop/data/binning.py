@@ -135,9 +135,9 @@ def bin_events(
   """Bins the events of a batch of samples, given as flat event arrays.
 
   Counts the flat indices ``(sample, bin, channel // pool)`` with one
-  ``np.unique``: no Python loop over samples or events. Events at or after ``max_time`` are
-  left out; times must be finite and non-negative and units in
-  ``[0, channels)`` (the readers check this).
+  ``np.unique``: no Python loop over samples or events. Events at or after
+  ``max_time`` are left out; times must be finite and non-negative and units
+  in ``[0, channels)`` (the readers check this).
 
   Args:
     times: ``(num_events,)`` spike times in seconds.

@@ -84,8 +84,7 @@ def _check_layout(path: Path, f) -> None:
       f'{path}: spikes/times has {n_times} samples, spikes/units {n_units} and '
       f'labels {n_labels}; they must be equal.'
     )
-  h5py = require('h5py')
-  units = h5py.check_vlen_dtype(f['spikes/units'].dtype)
+  units = require('h5py').check_vlen_dtype(f['spikes/units'].dtype)
   if units is None or not np.issubdtype(units, np.integer):
     raise SpikeFileError(
       f'{path}: spikes/units must be ragged integers, got dtype '
@@ -249,8 +248,8 @@ class SpikeFile:
         f'channel id {int(u[j])} (event {k}) is outside [0, {self.channels})'
       )
     raise SpikeFileError(
-      f"{self.path}: sample {start + int(sample[j])}: {what}. Pass on_invalid='drop' "
-      'to drop such events (they are counted and reported).'
+      f'{self.path}: sample {start + int(sample[j])}: {what}. Pass '
+      "on_invalid='drop' to drop such events (they are counted and reported)."
     )
 
 

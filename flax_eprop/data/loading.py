@@ -1,10 +1,11 @@
-"""Spike files to binned, cached Hugging Face datasets: ``load`` and ``from_hdf5``.
+"""Spike files to binned, cached Hugging Face datasets: ``load``, ``from_hdf5``.
 
 A file is binned once per set of options and written as an Arrow file under
 ``<data dir>/binned/``; the cache key hashes the file's identity (resolved path,
 size, modification time) and every option that changes the result (``dt``,
 ``max_time``, ``channels``, ``pool``, ``binary``, ``on_invalid``), so changing
-any of them bins again and loading with the same ones memory-maps the Arrow file.
+any of them bins again, and loading with the same ones memory-maps the Arrow
+file.
 The binning is a batched ``Dataset.map`` that reads 256 samples at a time from
 the HDF5 file and bins them with one ``np.unique`` over flat indices.
 """
