@@ -8,16 +8,36 @@ from flax_eprop.cells import ALIFState as ALIFState
 from flax_eprop.cells import LIFState as LIFState
 from flax_eprop.cells import LIState as LIState
 from flax_eprop.cells import SpikingCell as SpikingCell
+from flax_eprop.online import CARRY as CARRY
+from flax_eprop.online import ELIGIBILITY as ELIGIBILITY
+from flax_eprop.online import OnlineGrad as OnlineGrad
+from flax_eprop.online import gradient_mode as gradient_mode
+from flax_eprop.online import reset_state as reset_state
+from flax_eprop.sparse import NonLocalError as NonLocalError
+from flax_eprop.sparse import sparse_jacfwd as sparse_jacfwd
+from flax_eprop.training import bptt_value_and_grad as bptt_value_and_grad
+from flax_eprop.training import online_update as online_update
+from flax_eprop.training import online_value_and_grad as online_value_and_grad
 
 __version__ = '0.1.0.dev0'
 
 __all__ = [
   'ALIF',
   'ALIFState',
+  'CARRY',
+  'ELIGIBILITY',
   'LI',
   'LIF',
   'LIFState',
   'LIState',
+  'NonLocalError',
+  'OnlineGrad',
   'SpikingCell',
+  'bptt_value_and_grad',
+  'gradient_mode',
+  'online_update',
+  'online_value_and_grad',
+  'reset_state',
+  'sparse_jacfwd',
   'surrogates',
 ]

@@ -197,10 +197,11 @@ def _check_carry(c_leaves):
       f'got shapes {sorted(shapes)}.'
     )
   for c in c_leaves:
-    if not np.issubdtype(np.result_type(c), np.floating):
+    dtype = jax.numpy.result_type(c)
+    if not np.issubdtype(dtype, np.floating):
       raise TypeError(
         f'carry: state leaves must be floating point, got dtype '
-        f'{np.result_type(c)}; store counters as floats.'
+        f'{dtype}; store counters as floats.'
       )
   shape = next(iter(shapes))
   return tuple(shape[:-1]), shape[-1]
@@ -284,15 +285,14 @@ class _Walk:
       return label
     self.direct |= label.params
     shape = op.in_avals[i].shape
-    if any(d not in (1, self.features) for d in shape) or (
-      len(shape) > 1 and sum(d == self.features for d in shape) > 1
-    ):
+    if shape and shape[-1] not in (1, self.features):
       raise NonLocalError(
         f'{op.where}: `{op.name}` mixes a parameter value of shape {shape} '
-        f'into the neuron dynamics; expected () or (..., {self.features}). '
-        f'{_HINT}'
+        f'into the neuron dynamics; expected () or (..., {self.features}) '
+        f'with one value per neuron on the last axis. {_HINT}'
       )
-    axes = tuple('n' if d == self.features and d != 1 else None for d in shape)
+    last = 'n' if shape and shape[-1] == self.features != 1 else None
+    axes = (None,) * (len(shape) - 1) + (last,) if shape else ()
     return Label('tracked', axes)
 
   def synapse(self, op: Op, ins: list[Label]) -> Label:

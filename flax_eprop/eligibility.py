@@ -1,0 +1,223 @@
+"""Eligibility traces over a chunk of steps: forward update and gradient.
+
+Pure JAX (no Flax). For one layer with K carry leaves and a synapse
+``I = u @ W`` the e-prop eligibility ``eps_t = d h_t / d W`` obeys
+``eps_t = D_t eps_{t-1} + d_t (x) u_t`` with ``D_t`` the neuron-local
+``K x K`` block per neuron and ``d_t (x) u_t`` the Kronecker-factored
+immediate Jacobian (`flax_eprop.sparse`). Over a chunk ``t0 < s <= t0 + n``
+(DESIGN.md, "Chunked trace updates"), with step outputs ``y_s`` whose
+cotangents ``ybar_s`` are the learning signals:
+
+    g_s      = [lambda_s ; ybar_s]                         (K + R per neuron)
+    lambda_{s-1} = B_s^T g_s,   lambda_{t0+n} = 0           (B_s: (K+R) x K)
+    grad_W   = sum_s (g_s . post_s) (x) u_s + lambda_{t0} . eps_{t0}
+    eps_{t0+n} = Phi eps_{t0} + sum_s (Phi_s d_s) (x) u_s,  Phi_s = D_{t0+n} ... D_{s+1}
+
+The recursions run on per-neuron vectors; the sums over ``s`` are single
+matmuls, and the per-synapse trace is read and written once per chunk. The
+gradient equals propagating the traces step by step and contracting each
+step's learning signal, for any chunk length.
+
+Trace layout: a synapse trace is ``(*batch, K, features, in)``; a per-neuron
+or scalar parameter trace is ``(*batch, K, features)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from flax_eprop.sparse import (
+  Plan,
+  StepFactors,
+  _jaxpr,
+  kernel_values,
+  step_factors,
+)
+
+
+class ChunkResiduals(NamedTuple):
+  """What the backward pass of a chunk needs (all bounded by the chunk).
+
+  Attributes:
+    factors: `StepFactors` stacked over the chunk (leading axis ``n``).
+    carries: the carry leaves before each step, each ``(n, *batch, F)``.
+    xs: the input leaves, each ``(n, *batch, ...)``.
+    mask: ``(n, *batch)`` valid steps.
+    traces: the traces at the chunk's start (`zero_traces` layout).
+    params: the step's parameters.
+  """
+
+  factors: StepFactors
+  carries: list
+  xs: list
+  mask: jax.Array
+  traces: tuple
+  params: Any
+
+
+def trace_shapes(plan: Plan) -> tuple[list, list]:
+  """Shapes of the synapse traces and the direct-parameter traces."""
+  k, f = plan.num_carry, plan.features
+  lead = (*plan.batch_shape, k, f)
+  synapses = [lead + (s.in_features,) for s in plan.synapses]
+  return synapses, [lead] * len(plan.direct_params)
+
+
+def zero_traces(plan: Plan, dtype) -> tuple[list, list]:
+  """All-zero traces ``(synapse traces, direct traces)`` for `plan`."""
+  synapses, direct = trace_shapes(plan)
+  zeros = lambda shape: jnp.zeros(shape, dtype)
+  return [zeros(s) for s in synapses], [zeros(s) for s in direct]
+
+
+def forward(plan: Plan, params, carry, xs, mask, traces, trace_dtype):
+  """Runs a chunk: outputs, final carry, updated traces and residuals.
+
+  Args:
+    plan: the step's plan.
+    params: the step's parameters.
+    carry: the carry before the chunk (pytree of ``(*batch, F)``).
+    xs: time-major inputs, a pytree of ``(n, *batch, ...)`` leaves.
+    mask: ``(n, *batch)`` bool; False steps leave the carry, the traces and
+      the gradient unchanged and output zeros.
+    traces: ``(synapse traces, direct traces)`` at the chunk's start.
+    trace_dtype: dtype the updated traces are stored in.
+
+  Returns:
+    ``(ys, new_carry, new_traces, residuals)``; ``ys`` is a list over the
+    output leaves of ``(n, *batch, F)``.
+  """
+  k = plan.num_carry
+  c_leaves = jax.tree.leaves(carry)
+
+  def body(h, inputs):
+    x, m = inputs
+    outs, f = step_factors(plan, params, h, x)
+    f = _mask_factors(f, m, k)
+    keep = lambda new, old: jnp.where(m[..., None], new, old)
+    new_h = [keep(a, b) for a, b in zip(outs[:k], h)]
+    ys = [keep(y, jnp.zeros_like(y)) for y in outs[k:]]
+    return new_h, (ys, f, h)
+
+  x_leaves = jax.tree.leaves(xs)
+  h_end, (ys, factors, carries) = jax.lax.scan(body, c_leaves, (x_leaves, mask))
+  new_traces = _propagate(factors, traces, k, trace_dtype)
+  residuals = ChunkResiduals(factors, carries, x_leaves, mask, traces, params)
+  return ys, jax.tree.unflatten(plan.carry_def, h_end), new_traces, residuals
+
+
+def _mask_factors(f: StepFactors, m, k: int) -> StepFactors:
+  """A padded step acts as the identity on the carry and adds nothing."""
+  rows, kk = f.carry.shape[-3], f.carry.shape[-2]
+  eye = jnp.eye(rows, kk, dtype=f.carry.dtype)[..., None]
+  valid = m[..., None, None, None]
+  zero = lambda a: jnp.where(m[..., None, None], a, 0)
+  return StepFactors(
+    carry=jnp.where(valid, f.carry, eye),
+    post=tuple(zero(p) for p in f.post),
+    pre=f.pre,
+    direct=tuple(zero(d) for d in f.direct),
+  )
+
+
+def _propagate(factors: StepFactors, traces, k: int, trace_dtype):
+  """``eps_{t0+n} = Phi eps_{t0} + sum_s Phi_s F_s`` for every trace."""
+  local = factors.carry[..., :k, :, :]  # (n, *batch, K, K, F)
+  eye = jnp.broadcast_to(
+    jnp.eye(k, dtype=local.dtype)[..., None], local.shape[1:]
+  )
+
+  def back(phi, d):  # phi = Phi(end, s); emits it, carries Phi(end, s - 1)
+    return jnp.einsum('...ijf,...jkf->...ikf', phi, d), phi
+
+  phi_total, phis = jax.lax.scan(back, eye, local, reverse=True)
+  synapse_traces, direct_traces = traces
+  new_synapses = []
+  for eps, post, pre in zip(synapse_traces, factors.post, factors.pre):
+    a = jnp.einsum('s...ijf,s...jf->s...if', phis, post[..., :k, :])
+    new = jnp.einsum('...ijf,...jfm->...ifm', phi_total, eps)
+    new = new + jnp.einsum('s...if,s...m->...ifm', a, pre)
+    new_synapses.append(new.astype(trace_dtype))
+  new_direct = []
+  for eps, direct in zip(direct_traces, factors.direct):
+    new = jnp.einsum('...ijf,...jf->...if', phi_total, eps)
+    new = new + jnp.einsum('s...ijf,s...jf->...if', phis, direct[..., :k, :])
+    new_direct.append(new.astype(trace_dtype))
+  return new_synapses, new_direct
+
+
+def backward(plan: Plan, res: ChunkResiduals, ys_bar: list):
+  """The chunk's e-prop parameter gradient and instantaneous input cotangents.
+
+  Args:
+    plan: the step's plan.
+    res: residuals from `forward`.
+    ys_bar: cotangents of the outputs, a list of ``(n, *batch, F)``.
+
+  Returns:
+    ``(params_bar, xs_bar)``: the e-prop gradient (same tree as the params)
+    and, per input leaf, ``(n, *batch, ...)`` cotangents through each step's
+    own path ``x_s -> y_s`` only.
+  """
+  k = plan.num_carry
+  valid = res.mask[..., None]
+  ys_bar = [jnp.where(valid, y, 0) for y in ys_bar]
+  y_rows = jnp.stack(ys_bar, axis=-2)  # (n, *batch, R, F)
+  rows = res.factors.carry  # (n, *batch, K + R, K, F)
+
+  def back(lam, inputs):
+    block, y = inputs
+    g = jnp.concatenate([lam, y.astype(lam.dtype)], axis=-2)
+    return jnp.einsum('...rkf,...rf->...kf', block, g), g
+
+  lam0 = jnp.zeros(rows.shape[1:-3] + (k, rows.shape[-1]), rows.dtype)
+  lam0, g = jax.lax.scan(back, lam0, (rows, y_rows), reverse=True)
+  params_bar = _param_grads(plan, res, g, lam0)
+  xs_bar = _input_cotangents(plan, res, ys_bar)
+  return params_bar, xs_bar
+
+
+def _param_grads(plan: Plan, res: ChunkResiduals, g, lam0):
+  synapse_traces, direct_traces = res.traces
+  kernel_bar = []
+  for s, eps, post, pre in zip(
+    plan.synapses, synapse_traces, res.factors.post, res.factors.pre
+  ):
+    c = jnp.einsum('s...rf,s...rf->s...f', g, post)
+    grad = jnp.einsum('s...m,s...f->mf', pre, c)
+    grad = grad + jnp.einsum('...kf,...kfm->mf', lam0, eps.astype(lam0.dtype))
+    kernel_bar.append(grad if s.kernel_in_axis == 0 else grad.T)
+  p_leaves, p_def = jax.tree.flatten(res.params)
+  if plan.synapses:
+    kernels, pullback = jax.vjp(lambda p: kernel_values(plan, p), p_leaves)
+    (grads,) = pullback(
+      [w.astype(v.dtype) for w, v in zip(kernel_bar, kernels)]
+    )
+  else:
+    grads = [jnp.zeros_like(p) for p in p_leaves]
+  for i, eps, direct in zip(
+    plan.direct_params, direct_traces, res.factors.direct
+  ):
+    d = jnp.einsum('s...rf,s...rf->f', g, direct)
+    d = d + jnp.einsum('...kf,...kf->f', lam0, eps.astype(lam0.dtype))
+    d = d if jnp.ndim(p_leaves[i]) else d.sum()
+    grads[i] = grads[i] + d.astype(grads[i].dtype)
+  grads = [gr.astype(p.dtype) for gr, p in zip(grads, p_leaves)]
+  return jax.tree.unflatten(p_def, grads)
+
+
+def _input_cotangents(plan: Plan, res: ChunkResiduals, ys_bar):
+  k = plan.num_carry
+  p_leaves = jax.tree.leaves(res.params)
+
+  def one(h, x, y_bar):
+    def outputs(x_):
+      return _jaxpr.evaluate(plan.program, [*p_leaves, *h, *x_])[k:]
+
+    ys, vjp = jax.vjp(outputs, x)
+    return vjp([yb.astype(y.dtype) for yb, y in zip(y_bar, ys)])[0]
+
+  return jax.vmap(one)(res.carries, res.xs, ys_bar)

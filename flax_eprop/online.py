@@ -1,0 +1,364 @@
+"""`OnlineGrad`: a drop-in for `nn.RNN` whose gradient is online e-prop.
+
+``fe.OnlineGrad(cell)`` runs ``cell`` over a chunk of time steps exactly as
+``nn.RNN(cell)`` does (same call, same output, same params tree), but keeps
+the carry and the eligibility traces in the variable collections ``'carry'``
+and ``'eligibility'`` and defines its gradient as one custom VJP per call:
+
+* the parameters get the exact e-prop gradient of the chunk: the traces are
+  propagated from those stored at the chunk's start and contracted with each
+  step's learning signal (the cotangent of the step's output);
+* each input ``x_t`` gets the *instantaneous* cotangent (through the same
+  step only), which is the learning signal of the layers below;
+* nothing flows back across steps or across calls, so the result does not
+  depend on where a sequence is cut into chunks.
+
+It is a Linen lifted transform built on `flax.core.lift.pack` (like
+``nn.scan`` and ``nn.custom_vjp``): the cell's variables are packed, the step
+becomes a pure function of ``(params, carry, x)`` and the sparse transform
+derives its traces (`flax_eprop.sparse`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Iterator, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.core import lift
+from flax.linen.transforms import lift_transform
+
+from flax_eprop import eligibility
+from flax_eprop.sparse import Plan, make_plan
+
+CARRY = 'carry'
+ELIGIBILITY = 'eligibility'
+METRICS = 'online_metrics'
+GradientMode = Literal['online', 'bptt']
+
+_GRADIENT: contextvars.ContextVar[str] = contextvars.ContextVar(
+  'flax_eprop_gradient', default='online'
+)
+
+
+@contextlib.contextmanager
+def gradient_mode(mode: GradientMode) -> Iterator[None]:
+  """Switches how `OnlineGrad` layers traced inside the block differentiate.
+
+  ``'online'`` (the default) is the e-prop custom VJP. ``'bptt'`` runs the
+  cell with a plain `jax.lax.scan`, so `jax.grad` backpropagates through
+  time: the reference that `bptt_value_and_grad` uses. The mode is read when
+  a layer is *traced*: a function already compiled by `jax.jit` keeps the
+  mode it was traced with.
+
+  Args:
+    mode: ``'online'`` or ``'bptt'``.
+  """
+  if mode not in ('online', 'bptt'):
+    raise ValueError(f"mode: expected 'online' or 'bptt', got {mode!r}.")
+  token = _GRADIENT.set(mode)
+  try:
+    yield
+  finally:
+    _GRADIENT.reset(token)
+
+
+class OnlineGrad(nn.Module):
+  """Runs a recurrent cell over time with an online e-prop gradient.
+
+  Use it where you would use ``nn.RNN(cell)``. Every call consumes one chunk
+  ``inputs: (*batch, time, in)`` (or ``(time, *batch, in)`` with
+  ``time_major``) and returns the cell's outputs ``(*batch, time,
+  features)``; a single step is a chunk of length 1. The carry (collection
+  ``'carry'``) and the traces (collection ``'eligibility'``) are created
+  zero by ``init`` and advanced by every call, so ``apply`` needs
+  ``mutable=['carry', 'eligibility']`` and the returned state must be fed to
+  the next chunk. Reset them with `reset_state` between sequences.
+
+  Traces: ``(*batch, K, features, in)`` per synapse kernel and ``(*batch, K,
+  features)`` per per-neuron or scalar parameter (K carry leaves), keyed by
+  the parameter's path (``'input/kernel'``). They are stored in
+  ``trace_dtype`` (float32 by default, also with x64 enabled).
+
+  Attributes:
+    cell: the recurrent cell, ``cell(carry, x) -> (carry, y)`` with every
+      carry and output leaf of shape ``(*batch, features)``.
+    time_major: inputs are ``(time, *batch, in)`` instead of batch-major.
+    trace_dtype: dtype of the stored eligibility traces.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import flax_eprop as fe
+    >>> layer = fe.OnlineGrad(fe.LIF(8))
+    >>> xs = jnp.ones((2, 5, 3))  # (batch, time, in)
+    >>> variables = layer.init(jax.random.key(0), xs)
+    >>> sorted(variables)
+    ['carry', 'eligibility', 'params']
+    >>> params, state = variables['params'], {'carry': variables['carry'],
+    ...                                       'eligibility': variables['eligibility']}
+    >>> ys, state = layer.apply({'params': params, **state}, xs,
+    ...                         mutable=['carry', 'eligibility'])
+    >>> ys.shape
+    (2, 5, 8)
+  """
+
+  cell: nn.RNNCellBase
+  time_major: bool = False
+  trace_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, *, mask: jax.Array | None = None):
+    """Runs one chunk.
+
+    Args:
+      inputs: ``(*batch, time, in)`` (``(time, *batch, in)`` if
+        ``time_major``).
+      mask: optional bool ``(*batch, time)`` (``(time, *batch)`` if
+        ``time_major``); False marks padded steps, which change neither the
+        carry, the traces nor the gradient, and output zeros.
+
+    Returns:
+      The outputs, ``(*batch, time, features)`` (or time-major).
+    """
+    xs, mask = self._time_first(inputs, mask)
+    carry = self._stored_carry(xs)
+    init = self.is_initializing()
+    traces = None if init else self._stored(ELIGIBILITY, 'traces')
+    lifted = lift_transform(
+      _online_transform,
+      _cell_step,
+      trace_dtype=self.trace_dtype,
+      gradient=_GRADIENT.get(),
+    )
+    ys, new_carry, new_traces = lifted(self.cell, carry, traces, xs, mask)
+    if init:
+      zeros = jax.tree.map(jnp.zeros_like, new_traces)
+      self.put_variable(ELIGIBILITY, 'traces', zeros)
+    else:
+      self.put_variable(CARRY, 'state', new_carry)
+      self.put_variable(ELIGIBILITY, 'traces', new_traces)
+    if not init and self.is_mutable_collection(METRICS):
+      total = sum(jnp.sum(y) for y in jax.tree.leaves(ys))
+      self.sow(METRICS, 'output_sum', total, init_fn=lambda: 0.0,
+               reduce_fn=lambda a, b: a + b)  # fmt: skip
+    axis = 0 if self.time_major else inputs.ndim - 2
+    return jax.tree.map(lambda y: jnp.moveaxis(y, 0, axis), ys)
+
+  def _time_first(self, inputs, mask):
+    if not isinstance(inputs, jax.Array | jnp.ndarray) or jnp.ndim(inputs) < 2:
+      raise ValueError(
+        f'OnlineGrad {self.name!r}: inputs must be an array of shape '
+        f'(*batch, time, in_features) (time-major: (time, *batch, '
+        f'in_features)); got {getattr(inputs, "shape", type(inputs))}.'
+      )
+    axis = 0 if self.time_major else inputs.ndim - 2
+    xs = jnp.moveaxis(inputs, axis, 0)
+    if mask is None:
+      return xs, jnp.ones(xs.shape[:-1], bool)
+    expected = inputs.shape[:-1]
+    if jnp.shape(mask) != expected:
+      raise ValueError(
+        f'OnlineGrad {self.name!r}: mask must have shape {expected} (the '
+        f'inputs without the feature axis); got {jnp.shape(mask)}.'
+      )
+    return xs, jnp.moveaxis(jnp.asarray(mask, bool), axis, 0)
+
+  def _stored_carry(self, xs):
+    if self.is_initializing():
+      rng = self.make_rng('params') if self.has_rng('params') else None
+      rng = jax.random.key(0) if rng is None else rng
+      carry = self.cell.initialize_carry(rng, xs.shape[1:])
+      return self.variable(CARRY, 'state', lambda: carry).value
+    carry = self._stored(CARRY, 'state')
+    want = jax.tree.leaves(carry)[0].shape[:-1]
+    if want != xs.shape[1:-1]:
+      raise ValueError(
+        f'OnlineGrad {self.name!r}: the input batch shape {xs.shape[1:-1]} '
+        f'differs from the stored state batch shape {want}; init the model '
+        'with a batch of the same shape (model.init) to make a state for this '
+        'batch.'
+      )
+    return carry
+
+  def _stored(self, collection: str, name: str):
+    if not self.has_variable(collection, name):
+      raise ValueError(
+        f'OnlineGrad {self.name!r}: no {collection!r} collection was passed. '
+        "Pass the state from init: model.apply({'params': params, **state}, "
+        "xs, mutable=['carry', 'eligibility'])."
+      )
+    if not self.is_mutable_collection(collection):
+      raise ValueError(
+        f'OnlineGrad {self.name!r}: the {collection!r} collection must be '
+        'mutable: every call advances the state. Call apply(..., '
+        "mutable=['carry', 'eligibility']) and keep the returned state."
+      )
+    return self.get_variable(collection, name)
+
+
+def _cell_step(cell, carry, x):
+  return cell(carry, x)
+
+
+def _online_transform(fn, *, trace_dtype, gradient: str):
+  """The core lifted transform (cf. `flax.core.lift.custom_vjp`)."""
+
+  def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args):
+    carry, traces, xs, mask = args
+    params, others = variable_groups
+    if not jax.tree.leaves(params):  # init: let the cell create its params
+      scopes = scope_fn(variable_groups, rng_groups)
+      fn(scopes, carry, xs[0])
+      variable_groups = repack_fn(scopes)
+      params, others = variable_groups
+
+    def step(p, c, x):
+      return fn(scope_fn((p, others), rng_groups), c, x)
+
+    if gradient == 'bptt':
+      ys, new_carry = _scan(step, params, carry, xs, mask)
+      out = (ys, new_carry, traces)
+    else:
+      out = _online(step, params, carry, traces, xs, mask, trace_dtype)
+    return out, variable_groups
+
+  return lift.pack(
+    inner, ('params', True), ('params', True), (True,), name='online_grad'
+  )
+
+
+def _scan(step, params, carry, xs, mask):
+  """Plain forward scan (differentiable by `jax.grad`: BPTT)."""
+
+  def body(h, inputs):
+    x, m = inputs
+    new_h, y = step(params, h, x)
+    keep = lambda new, old: jnp.where(m[..., None], new, old)
+    new_h = jax.tree.map(keep, new_h, h)
+    return new_h, jax.tree.map(lambda a: keep(a, jnp.zeros_like(a)), y)
+
+  new_carry, ys = jax.lax.scan(body, carry, (xs, mask))
+  return ys, new_carry
+
+
+def _online(step, params, carry, traces, xs, mask, trace_dtype):
+  plan = make_plan(step, params, carry, xs[0])
+  names = _trace_names(plan)
+  if traces is None:
+    traces = dict(
+      zip(names, _flat_traces(eligibility.zero_traces(plan, trace_dtype)))
+    )
+  _check_traces(plan, names, traces)
+  split = lambda t: _split_traces(plan, [t[n] for n in names])
+  run = _chunk_vjp(plan, trace_dtype)
+  ys, new_carry, new_traces = run(params, xs, carry, split(traces), mask)
+  y_def = plan.out_def.children()[1]
+  new_traces = dict(zip(names, _flat_traces(new_traces)))
+  return jax.tree.unflatten(y_def, ys), new_carry, new_traces
+
+
+def _chunk_vjp(plan: Plan, trace_dtype):
+  """The chunk as a `jax.custom_vjp` of ``(params, xs)``."""
+
+  def forward(params, xs, carry, traces, mask):
+    return eligibility.forward(
+      plan, params, carry, xs, mask, traces, trace_dtype
+    )
+
+  @jax.custom_vjp
+  def run(params, xs, carry, traces, mask):
+    return forward(params, xs, carry, traces, mask)[:3]
+
+  def fwd(params, xs, carry, traces, mask):
+    ys, new_carry, new_traces, res = forward(params, xs, carry, traces, mask)
+    return (ys, new_carry, new_traces), res
+
+  def bwd(res, cotangents):
+    ys_bar = cotangents[0]
+    params_bar, (xs_bar,) = eligibility.backward(plan, res, ys_bar)
+    return params_bar, xs_bar, None, None, None
+
+  run.defvjp(fwd, bwd)
+  return run
+
+
+def _trace_names(plan: Plan) -> list[str]:
+  """Names of the traces: the path of the parameter(s) each belongs to."""
+  paths = jax.tree_util.tree_flatten_with_path(
+    jax.tree.unflatten(plan.param_def, range(plan.param_def.num_leaves))
+  )[0]
+  leaf_names = [
+    '/'.join(
+      str(k.key)
+      for k in path
+      if isinstance(k, jax.tree_util.DictKey) and k.key != 'params'
+    )
+    for path, _ in paths
+  ]
+  names = [
+    '+'.join(leaf_names[i] for i in sorted(s.params)) for s in plan.synapses
+  ]
+  names += [leaf_names[i] for i in plan.direct_params]
+  seen: dict[str, int] = {}
+  for i, name in enumerate(names):
+    seen[name] = seen.get(name, 0) + 1
+    if seen[name] > 1:
+      names[i] = f'{name}#{seen[name] - 1}'
+  return names
+
+
+def _flat_traces(traces) -> list:
+  synapses, direct = traces
+  return [*synapses, *direct]
+
+
+def _split_traces(plan: Plan, flat: list):
+  n = len(plan.synapses)
+  return flat[:n], flat[n:]
+
+
+def _check_traces(plan: Plan, names, traces) -> None:
+  synapses, direct = eligibility.trace_shapes(plan)
+  expected = dict(zip(names, synapses + direct))
+  got = {k: jnp.shape(v) for k, v in traces.items()}
+  if got != expected:
+    raise ValueError(
+      f"OnlineGrad: the stored 'eligibility' traces {got} do not match this "
+      f'cell and input (expected {expected}); re-init the state or reset it '
+      'with fe.reset_state.'
+    )
+
+
+def reset_state(state: dict, where: jax.Array | None = None) -> dict:
+  """Zeroes the carry and the eligibility traces of every `OnlineGrad`.
+
+  Args:
+    state: the non-parameter collections, e.g. ``{'carry': ...,
+      'eligibility': ...}`` as returned by ``init``/``apply``.
+    where: optional bool ``(*batch,)``: reset only these batch rows (at
+      sequence boundaries in a stream); default all.
+
+  Returns:
+    The new state (other collections unchanged).
+  """
+
+  def zero(leaf):
+    if where is None:
+      return jnp.zeros_like(leaf)
+    w = jnp.asarray(where, bool)
+    if leaf.shape[: w.ndim] != w.shape:
+      raise ValueError(
+        f'where: expected a bool mask of the batch shape {leaf.shape[: w.ndim]}'
+        f', got shape {w.shape}.'
+      )
+    w = w.reshape(w.shape + (1,) * (leaf.ndim - w.ndim))
+    return jnp.where(w, jnp.zeros_like(leaf), leaf)
+
+  out = dict(state)
+  for collection in (CARRY, ELIGIBILITY):
+    if collection in out:
+      out[collection] = jax.tree.map(zero, out[collection])
+  return out
