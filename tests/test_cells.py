@@ -5,6 +5,7 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -396,3 +397,33 @@ def test_num_feature_axes_and_carry_init():
   carry = cell.initialize_carry(jax.random.key(0), (7, 2))
   assert isinstance(carry, fe.ALIFState) and carry.r is None
   assert_trees_close(carry.a, np.ones((7, 3), np.float32))
+
+
+def primitive_names(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn.primitive.name
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from primitive_names(sub)
+
+
+@pytest.mark.parametrize(
+  'cell',
+  [
+    fe.LIF(3, recurrent=True, refractory=2, reset='zero'),
+    fe.ALIF(3, learn_tau_mem=True, learn_tau_adapt=True, use_bias=True),
+    fe.LI(3, learn_tau_mem=True),
+  ],
+  ids=['LIF', 'ALIF', 'LI'],
+)
+def test_step_is_elementwise_around_matmuls(cell):
+  """No reductions, control flow, randomness or custom_vjp in a step."""
+  x = jnp.ones((2, 4))
+  carry = cell.initialize_carry(None, x.shape)
+  params = cell.init(jax.random.key(0), carry, x)
+  jaxpr = jax.make_jaxpr(cell.apply)(params, carry, x).jaxpr
+  names = set(primitive_names(jaxpr))
+  forbidden = {'cond', 'while', 'scan', 'custom_vjp_call', 'random_bits'}
+  assert not names & forbidden
+  assert not any(name.startswith(('reduce', 'argm', 'cum')) for name in names)
+  spiking = not isinstance(cell, fe.LI)
+  assert ('custom_jvp_call' in names) == spiking

@@ -3,6 +3,8 @@
 import functools
 import math
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +87,18 @@ def test_chain_rule_gives_psi_over_threshold(x64):
 
 def test_heaviside_has_zero_gradient():
   assert jax.grad(surrogates.heaviside)(jnp.array(0.0)) == 0.0
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+  x=st.floats(-10.0, 10.0, allow_nan=False, allow_subnormal=False),
+  case=st.sampled_from(range(len(CASES))),
+)
+def test_any_point_matches_hand_formula(x, case):
+  fn, prime, kwargs = CASES[case]
+  with jax.enable_x64(True):
+    value, slope = jax.value_and_grad(functools.partial(fn, **kwargs))(
+      jnp.float64(x)
+    )
+    assert float(value) == float(x > 0)
+    assert float(slope) == pytest.approx(prime(x, **kwargs), rel=1e-12)
