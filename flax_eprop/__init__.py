@@ -8,8 +8,12 @@ from flax_eprop.cells import ALIFState as ALIFState
 from flax_eprop.cells import LIFState as LIFState
 from flax_eprop.cells import LIState as LIState
 from flax_eprop.cells import SpikingCell as SpikingCell
+from flax_eprop.feedback import FEEDBACK as FEEDBACK
+from flax_eprop.feedback import RandomFeedback as RandomFeedback
 from flax_eprop.online import CARRY as CARRY
 from flax_eprop.online import ELIGIBILITY as ELIGIBILITY
+from flax_eprop.online import LOSSES as LOSSES
+from flax_eprop.online import METRICS as METRICS
 from flax_eprop.online import OnlineGrad as OnlineGrad
 from flax_eprop.online import gradient_mode as gradient_mode
 from flax_eprop.online import reset_state as reset_state
@@ -26,12 +30,16 @@ __all__ = [
   'ALIFState',
   'CARRY',
   'ELIGIBILITY',
+  'FEEDBACK',
   'LI',
   'LIF',
   'LIFState',
   'LIState',
+  'LOSSES',
+  'METRICS',
   'NonLocalError',
   'OnlineGrad',
+  'RandomFeedback',
   'SpikingCell',
   'bptt_value_and_grad',
   'gradient_mode',

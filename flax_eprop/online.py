@@ -37,6 +37,7 @@ from flax_eprop.sparse import Plan, make_plan
 CARRY = 'carry'
 ELIGIBILITY = 'eligibility'
 METRICS = 'online_metrics'
+LOSSES = 'online_losses'
 GradientMode = Literal['online', 'bptt']
 
 _GRADIENT: contextvars.ContextVar[str] = contextvars.ContextVar(
@@ -83,11 +84,22 @@ class OnlineGrad(nn.Module):
   the parameter's path (``'input/kernel'``). They are stored in
   ``trace_dtype`` (float32 by default, also with x64 enabled).
 
+  Firing-rate regularisation (Bellec et al. 2020): with ``target_rate`` set,
+  each call adds ``rate_coefficient / 2 * sum_j (f_j - target_rate)^2`` to
+  the loss, where ``f_j`` is neuron ``j``'s mean output over the chunk's
+  valid steps and batch rows (the whole sequence when it is one chunk). The
+  term is sown into the ``'online_losses'`` collection, which
+  `online_value_and_grad` and `bptt_value_and_grad` add to the loss; its
+  gradient reaches the parameters through the same eligibility traces.
+
   Attributes:
     cell: the recurrent cell, ``cell(carry, x) -> (carry, y)`` with every
       carry and output leaf of shape ``(*batch, features)``.
     time_major: inputs are ``(time, *batch, in)`` instead of batch-major.
     trace_dtype: dtype of the stored eligibility traces.
+    target_rate: target mean output per step (spikes per step, e.g. 0.01 =
+      10 Hz at dt = 1 ms), or None for no regularisation.
+    rate_coefficient: weight of the firing-rate term (>= 0).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -108,6 +120,8 @@ class OnlineGrad(nn.Module):
   cell: nn.RNNCellBase
   time_major: bool = False
   trace_dtype: Any = jnp.float32
+  target_rate: float | None = None
+  rate_coefficient: float = 1.0
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, mask: jax.Array | None = None):
@@ -140,12 +154,34 @@ class OnlineGrad(nn.Module):
     else:
       self.put_variable(CARRY, 'state', new_carry)
       self.put_variable(ELIGIBILITY, 'traces', new_traces)
-    if not init and self.is_mutable_collection(METRICS):
-      total = sum(jnp.sum(y) for y in jax.tree.leaves(ys))
-      self.sow(METRICS, 'output_sum', total, init_fn=lambda: 0.0,
-               reduce_fn=lambda a, b: a + b)  # fmt: skip
+    if not init:
+      self._report(ys, mask)
     axis = 0 if self.time_major else inputs.ndim - 2
     return jax.tree.map(lambda y: jnp.moveaxis(y, 0, axis), ys)
+
+  def _report(self, ys, mask) -> None:
+    """Sows the spike count and the firing-rate regulariser."""
+    add = dict(init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
+    if self.is_mutable_collection(METRICS):
+      total = sum(jnp.sum(y) for y in jax.tree.leaves(ys))
+      self.sow(METRICS, 'output_sum', total, **add)
+    if self.target_rate is None or not self.is_mutable_collection(LOSSES):
+      return
+    if not 0 <= self.target_rate <= 1 or self.rate_coefficient < 0:
+      raise ValueError(
+        f'OnlineGrad {self.name!r}: target_rate must be in [0, 1] (spikes per '
+        f'step) and rate_coefficient >= 0; got {self.target_rate} and '
+        f'{self.rate_coefficient}.'
+      )
+    weight = mask[..., None].astype(jax.tree.leaves(ys)[0].dtype)
+    count = jnp.maximum(jnp.sum(weight, axis=tuple(range(mask.ndim))), 1)
+    penalty = 0.0
+    for y in jax.tree.leaves(ys):
+      rate = jnp.sum(y * weight, axis=tuple(range(mask.ndim))) / count
+      penalty = penalty + jnp.sum((rate - self.target_rate) ** 2)
+    self.sow(
+      LOSSES, 'firing_rate', 0.5 * self.rate_coefficient * penalty, **add
+    )
 
   def _time_first(self, inputs, mask):
     if not isinstance(inputs, jax.Array | jnp.ndarray) or jnp.ndim(inputs) < 2:

@@ -15,17 +15,21 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from flax_eprop.online import METRICS, gradient_mode
+from flax_eprop.online import LOSSES, METRICS, gradient_mode
 
 ApplyFn = Callable[..., Any]
 LossFn = Callable[[Any, Any], jax.Array]
 
 
 def _sequence_loss(apply_fn, loss_fn, params, state, xs, ys, mask):
-  """``sum_t sum_b mask[b, t] * loss_fn(out[b, t], ys[b, t]) / batch``."""
+  """``sum_t sum_b mask[b, t] * loss_fn(out[b, t], ys[b, t]) / batch``, plus
+  the penalties the layers sow (firing-rate regularisation)."""
   kwargs = {} if mask is None else {'mask': mask}
   outputs, new_state = apply_fn(
-    {'params': params, **state}, xs, mutable=[*state, METRICS], **kwargs
+    {'params': params, **state},
+    xs,
+    mutable=[*state, METRICS, LOSSES],
+    **kwargs,
   )
   per_step = jax.vmap(jax.vmap(loss_fn))(outputs, ys)  # (batch, time)
   if jnp.ndim(per_step) != 2:
@@ -36,7 +40,9 @@ def _sequence_loss(apply_fn, loss_fn, params, state, xs, ys, mask):
   valid = jnp.ones(per_step.shape, bool) if mask is None else mask
   loss = jnp.sum(jnp.where(valid, per_step, 0)) / per_step.shape[0]
   metrics = new_state.pop(METRICS, {})
-  aux = {'steps': jnp.sum(valid), 'output_sum': metrics}
+  penalty = sum(jax.tree.leaves(new_state.pop(LOSSES, {})), jnp.zeros(()))
+  aux = {'steps': jnp.sum(valid), 'output_sum': metrics, 'penalty': penalty}
+  loss = loss + penalty
   return loss, (aux, new_state)
 
 
@@ -115,8 +121,9 @@ def online_value_and_grad(
     with ``xs: (batch, time, in)``, ``ys: (batch, time, ...)``, ``mask:
     (batch, time)`` bool, ``state`` the non-parameter collections from
     ``init`` (``'carry'``, ``'eligibility'``), returned advanced by the
-    sequence. ``aux`` has ``'steps'`` (valid steps) and ``'output_sum'`` (per
-    `OnlineGrad` layer, the sum of its outputs: the spike count).
+    sequence. ``aux`` has ``'steps'`` (valid steps), ``'output_sum'`` (per
+    `OnlineGrad` layer, the sum of its outputs: the spike count) and
+    ``'penalty'`` (the firing-rate regularisation included in the loss).
   """
 
   def f(params, state, xs, ys, mask=None):
