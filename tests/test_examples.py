@@ -30,3 +30,14 @@ def test_train_bptt_example_learns(capsys):
   loss, accuracy = module.main(steps=250)
   assert loss < 0.1 and accuracy > 0.9
   assert 'accuracy' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_train_eprop_example_learns(capsys):
+  path = ROOT / 'examples' / 'train_eprop.py'
+  spec = importlib.util.spec_from_file_location('train_eprop', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  loss, accuracy = module.main(steps=200)
+  assert loss < 0.1 and accuracy > 0.9
+  assert 'accuracy' in capsys.readouterr().out
