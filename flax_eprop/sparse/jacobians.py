@@ -149,11 +149,9 @@ class ParamJacobian:
     """``d out_r / d W`` per synapse: ``(*batch, features, *W.shape)``."""
     dense = []
     for post, pre, axis in zip(self.post, self.pre, self.kernel_in_axes):
-      f = post.shape[-1]
-      eye = jnp.eye(f, dtype=post.dtype)
-      d = (
-        post[..., r, :, None, None] * pre[..., None, :, None] * eye[:, None, :]
-      )
+      f, lead = post.shape[-1], (1,) * (post.ndim - 2)
+      eye = jnp.eye(f, dtype=post.dtype).reshape(*lead, f, 1, f)
+      d = post[..., r, :, None, None] * pre[..., None, :, None] * eye
       dense.append(d if axis == 0 else jnp.swapaxes(d, -1, -2))
     return dense
 
@@ -176,9 +174,9 @@ class ParamJacobian:
     for q, i in enumerate(self.direct_params):
       column = self.direct[q][..., r, :]
       if self.param_shapes[i]:
-        column = column[..., None] * jnp.eye(
-          column.shape[-1], dtype=column.dtype
-        )
+        f, lead = column.shape[-1], (1,) * (column.ndim - 1)
+        eye = jnp.eye(f, dtype=column.dtype).reshape(*lead, f, f)
+        column = column[..., None] * eye
       leaves[i] = leaves[i] + column.astype(leaves[i].dtype)
     return jax.tree.unflatten(self.param_def, leaves)
 
