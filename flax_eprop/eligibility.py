@@ -123,6 +123,35 @@ def _mask_factors(f: StepFactors, m, k: int) -> StepFactors:
   )
 
 
+# Per-neuron products of small K x K blocks ``(..., I, J, F)``: loops over the
+# few carry components, which XLA fuses into elementwise work (as einsums they
+# become thousands of tiny matmuls).
+
+
+def _block_matmul(a, b):
+  """``(..., I, J, F) x (..., J, K, F) -> (..., I, K, F)``."""
+  return sum(
+    a[..., :, j, None, :] * b[..., None, j, :, :] for j in range(a.shape[-2])
+  )
+
+
+def _block_matvec(a, v):
+  """``(..., I, J, F) x (..., J, F) -> (..., I, F)``."""
+  return sum(a[..., :, j, :] * v[..., None, j, :] for j in range(a.shape[-2]))
+
+
+def _block_rmatvec(a, v):
+  """``(..., I, J, F)^T x (..., I, F) -> (..., J, F)``."""
+  return sum(a[..., i, :, :] * v[..., i, None, :] for i in range(a.shape[-3]))
+
+
+def _block_trace(a, eps):
+  """``(..., I, J, F) x (..., J, F, M) -> (..., I, F, M)``."""
+  return sum(
+    a[..., :, j, :, None] * eps[..., None, j, :, :] for j in range(a.shape[-2])
+  )
+
+
 def _propagate(factors: StepFactors, traces, k: int, trace_dtype):
   """``eps_{t0+n} = Phi eps_{t0} + sum_s Phi_s F_s`` for every trace."""
   local = factors.carry[..., :k, :, :]  # (n, *batch, K, K, F)
@@ -131,20 +160,20 @@ def _propagate(factors: StepFactors, traces, k: int, trace_dtype):
   )
 
   def back(phi, d):  # phi = Phi(end, s); emits it, carries Phi(end, s - 1)
-    return jnp.einsum('...ijf,...jkf->...ikf', phi, d), phi
+    return _block_matmul(phi, d), phi
 
   phi_total, phis = jax.lax.scan(back, eye, local, reverse=True)
   synapse_traces, direct_traces = traces
   new_synapses = []
   for eps, post, pre in zip(synapse_traces, factors.post, factors.pre):
-    a = jnp.einsum('s...ijf,s...jf->s...if', phis, post[..., :k, :])
-    new = jnp.einsum('...ijf,...jfm->...ifm', phi_total, eps)
+    a = _block_matvec(phis, post[..., :k, :])
+    new = _block_trace(phi_total, eps)
     new = new + jnp.einsum('s...if,s...m->...ifm', a, pre)
     new_synapses.append(new.astype(trace_dtype))
   new_direct = []
   for eps, direct in zip(direct_traces, factors.direct):
-    new = jnp.einsum('...ijf,...jf->...if', phi_total, eps)
-    new = new + jnp.einsum('s...ijf,s...jf->...if', phis, direct[..., :k, :])
+    new = _block_matvec(phi_total, eps)
+    new = new + _block_matvec(phis, direct[..., :k, :]).sum(0)
     new_direct.append(new.astype(trace_dtype))
   return new_synapses, new_direct
 
@@ -171,7 +200,7 @@ def backward(plan: Plan, res: ChunkResiduals, ys_bar: list):
   def back(lam, inputs):
     block, y = inputs
     g = jnp.concatenate([lam, y.astype(lam.dtype)], axis=-2)
-    return jnp.einsum('...rkf,...rf->...kf', block, g), g
+    return _block_rmatvec(block, g), g
 
   lam0 = jnp.zeros(rows.shape[1:-3] + (k, rows.shape[-1]), rows.dtype)
   lam0, g = jax.lax.scan(back, lam0, (rows, y_rows), reverse=True)
@@ -186,9 +215,10 @@ def _param_grads(plan: Plan, res: ChunkResiduals, g, lam0):
   for s, eps, post, pre in zip(
     plan.synapses, synapse_traces, res.factors.post, res.factors.pre
   ):
-    c = jnp.einsum('s...rf,s...rf->s...f', g, post)
+    c = jnp.sum(g * post, axis=-2)
     grad = jnp.einsum('s...m,s...f->mf', pre, c)
-    grad = grad + jnp.einsum('...kf,...kfm->mf', lam0, eps.astype(lam0.dtype))
+    start = jnp.sum(lam0[..., None] * eps.astype(lam0.dtype), axis=-3)
+    grad = grad + jnp.sum(start, axis=tuple(range(start.ndim - 2))).T
     kernel_bar.append(grad if s.kernel_in_axis == 0 else grad.T)
   p_leaves, p_def = jax.tree.flatten(res.params)
   if plan.synapses:
@@ -201,8 +231,10 @@ def _param_grads(plan: Plan, res: ChunkResiduals, g, lam0):
   for i, eps, direct in zip(
     plan.direct_params, direct_traces, res.factors.direct
   ):
-    d = jnp.einsum('s...rf,s...rf->f', g, direct)
-    d = d + jnp.einsum('...kf,...kf->f', lam0, eps.astype(lam0.dtype))
+    d = jnp.sum(g * direct, axis=(*range(g.ndim - 2), g.ndim - 2))
+    d = d + jnp.sum(
+      lam0 * eps.astype(lam0.dtype), axis=tuple(range(lam0.ndim - 1))
+    )
     d = d if jnp.ndim(p_leaves[i]) else d.sum()
     grads[i] = grads[i] + d.astype(grads[i].dtype)
   grads = [gr.astype(p.dtype) for gr, p in zip(grads, p_leaves)]
