@@ -1,0 +1,147 @@
+"""`sparse_jacfwd` on cells e-prop cannot represent: clear errors.
+
+A cell that mixes neurons outside a parameter synapse raises `NonLocalError`
+at trace time, naming the primitive and the line of the cell that made it;
+a ``jax.custom_vjp`` spike says to use ``jax.custom_jvp``. The hint in the
+message (``mode='exact'``) must work.
+"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_trees_close
+from sparse_cells import setup
+
+import flax_eprop as fe
+from flax_eprop.sparse import NonLocalError, sparse_jacfwd
+
+FEATURES, IN = 4, 3
+sg = jax.lax.stop_gradient
+
+
+def line_of(marker: str) -> str:
+  """``test_sparse_errors.py:<line>`` of the one line holding ``marker``."""
+  with open(__file__) as f:
+    lines = [i for i, text in enumerate(f, 1) if text.rstrip().endswith(marker)]
+  (line,) = lines
+  return rf'test_sparse_errors\.py:{line}\b'
+
+
+class MeanLIF(nn.Module):
+  """Subtracts the population mean: mixes neurons without a synapse."""
+
+  @nn.compact
+  def __call__(self, carry, x):
+    v, z = carry
+    v = 0.9 * v + nn.Dense(FEATURES, name='input')(x) - sg(z)
+    v = v - v.mean(-1, keepdims=True)  # <- mean
+    z = fe.surrogates.triangle(v - 1.0)
+    return (v, z), z
+
+  @nn.nowrap
+  def initialize_carry(self, rng, input_shape):
+    zeros = jnp.zeros((*input_shape[:-1], FEATURES))
+    return (zeros, zeros)
+
+
+# Fixed lateral inhibition: a constant, not a parameter.
+INHIBITION = 0.2 * (np.ones((FEATURES, FEATURES)) - np.eye(FEATURES))
+
+
+class LateralLIF(nn.Module):
+  """Lateral inhibition ``z @ M`` through the constant matrix ``M``."""
+
+  @nn.compact
+  def __call__(self, carry, x):
+    v, z = carry
+    inhibition = z @ INHIBITION  # <- lateral
+    v = 0.9 * v + nn.Dense(FEATURES, name='input')(x) - inhibition - sg(z)
+    z = fe.surrogates.triangle(v - 1.0)
+    return (v, z), z
+
+  @nn.nowrap
+  def initialize_carry(self, rng, input_shape):
+    zeros = jnp.zeros((*input_shape[:-1], FEATURES))
+    return (zeros, zeros)
+
+
+@jax.custom_vjp
+def vjp_spike(x):
+  return (x > 0).astype(x.dtype)
+
+
+def _vjp_spike_fwd(x):
+  return vjp_spike(x), x
+
+
+def _vjp_spike_bwd(x, g):
+  return (g * 0.3 * jnp.maximum(0.0, 1.0 - jnp.abs(x)),)
+
+
+vjp_spike.defvjp(_vjp_spike_fwd, _vjp_spike_bwd)
+
+
+class VjpLIF(nn.Module):
+  """A LIF whose spike function is a ``jax.custom_vjp``."""
+
+  @nn.compact
+  def __call__(self, carry, x):
+    v, z = carry
+    v = 0.9 * v + nn.Dense(FEATURES, name='input')(x) - sg(z)
+    z = vjp_spike(v - 1.0)  # <- custom_vjp
+    return (v, z), z
+
+  @nn.nowrap
+  def initialize_carry(self, rng, input_shape):
+    zeros = jnp.zeros((*input_shape[:-1], FEATURES))
+    return (zeros, zeros)
+
+
+@pytest.mark.parametrize(
+  'cell, primitive, marker',
+  [
+    (MeanLIF(), 'reduce_sum', '# <- mean'),
+    (LateralLIF(), 'dot_general', '# <- lateral'),
+  ],
+  ids=['mean', 'lateral_inhibition'],
+)
+def test_non_local_cell_raises(x64, key, cell, primitive, marker):
+  params, carry, x = setup(cell, key, (2, IN))
+  match = line_of(marker) + rf'.*`{primitive}`.*neuron'
+  with pytest.raises(NonLocalError, match=match) as info:
+    sparse_jacfwd(cell.apply)(params, carry, x)
+  message = str(info.value)
+  assert 'parameter synapse' in message  # what to do ...
+  assert "mode='exact'" in message  # ... or the alternative
+
+
+def test_non_local_error_is_a_value_error():
+  assert issubclass(NonLocalError, ValueError)
+  assert fe.sparse.NonLocalError is NonLocalError
+
+
+@pytest.mark.parametrize(
+  'cell', [MeanLIF(), LateralLIF()], ids=['mean', 'lateral']
+)
+def test_non_local_cell_works_in_exact_mode(x64, key, cell):
+  """The fix the error message suggests: ``mode='exact'`` is jax.jacfwd."""
+  params, carry, x = setup(cell, key, (2, IN))
+  jac_p, jac_c = sparse_jacfwd(cell.apply, mode='exact')(params, carry, x)
+  expected_c = jax.jacfwd(cell.apply, argnums=1)(params, carry, x)
+  assert any(bool(jnp.any(d != 0)) for d in jax.tree.leaves(expected_c[1]))
+  assert_trees_close(jac_c.todense(), expected_c)
+  expected_p = jax.jacfwd(cell.apply, argnums=0)(params, carry, x)
+  assert_trees_close(jac_p.todense(), expected_p)
+
+
+def test_custom_vjp_spike_raises(x64, key):
+  cell = VjpLIF()
+  params, carry, x = setup(cell, key, (2, IN))
+  match = line_of('# <- custom_vjp') + '.*' + re.escape('jax.custom_vjp')
+  with pytest.raises(NonLocalError, match=match) as info:
+    sparse_jacfwd(cell.apply)(params, carry, x)
+  assert 'jax.custom_jvp' in str(info.value)  # says what to use instead
