@@ -436,6 +436,17 @@ def _concatenate(op: Op, ins):
   return _along(op, ins, (op.params['dimension'],))
 
 
+def _stack(op: Op, ins):
+  axis = op.params['axis']  # a new free axis, e.g. jnp.stack([v, a])
+  columns = [[] for _ in op.out_avals[0].shape]
+  for label in _tracked(ins):
+    axes = list(label.axes) or [None] * (len(columns) - 1)
+    axes.insert(axis, None)
+    for column, a in zip(columns, axes):
+      column.append(a)
+  return _merge(op, columns)
+
+
 def _dot_general(op: Op, ins):
   (contract, batch) = op.params['dimension_numbers']
   for label, c in zip(ins, contract):
@@ -478,6 +489,7 @@ _AXIS_RULES = {
   'squeeze': _squeeze,
   'transpose': _transpose,
   'concatenate': _concatenate,
+  'stack': _stack,
   'dot_general': _dot_general,
   'slice': _slice,
 }
