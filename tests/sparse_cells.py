@@ -199,6 +199,47 @@ class GaussALIF(nn.Module):
     return (zeros, zeros, zeros)
 
 
+# (f) Compartments on a new (non-neuron) axis: stack, mix, split, reduce.
+
+
+class TwoCompartmentState(NamedTuple):
+  d: jax.Array  # dendrite
+  v: jax.Array  # soma
+  z: jax.Array
+
+
+# Compartment coupling (row: to, column: from): a constant acting on the
+# compartment axis only, so each neuron stays on its own.
+COUPLING = jnp.array([[0.8, 0.1], [0.15, 0.85]])
+
+
+class TwoCompartmentLIF(nn.RNNCellBase):
+  """Input on the dendrite, spikes from the soma: ``jnp.stack`` of the
+  compartments, an ``einsum`` with a constant over the compartment axis,
+  indexing and a reduction over that axis."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, carry: TwoCompartmentState, x):
+    s = jnp.stack([carry.d, carry.v], axis=-2)  # (*batch, 2, features)
+    s = jnp.einsum('ck,...kn->...cn', COUPLING, s)
+    d = s[..., 0, :] + 0.2 * nn.Dense(self.features, name='input')(x)
+    v = s[..., 1, :] - sg(carry.z)
+    z = fe.surrogates.arctan(v - 1.0)
+    total = jnp.stack([d, v]).sum(0)
+    return TwoCompartmentState(d, v, z), z * jax.nn.softplus(total)
+
+  @nn.nowrap
+  def initialize_carry(self, rng, input_shape):
+    zeros = jnp.zeros((*input_shape[:-1], self.features))
+    return TwoCompartmentState(zeros, zeros, zeros)
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
 # Realistic states.
 
 

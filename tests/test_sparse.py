@@ -21,6 +21,7 @@ from sparse_cells import (
   CubaLIF,
   GaussALIF,
   TauLIF,
+  TwoCompartmentLIF,
   WhereLIF,
   reference_step,
   setup,
@@ -67,6 +68,7 @@ CELLS = [
   ('tau_bias_lif', TauLIF(FEATURES, recurrent=True), True),
   ('where_jit_lif', WhereLIF(FEATURES), True),
   ('custom_jvp_alif', GaussALIF(FEATURES), True),
+  ('two_compartment_stack', TwoCompartmentLIF(FEATURES), True),
 ]
 
 
