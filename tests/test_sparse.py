@@ -32,8 +32,9 @@ from flax_eprop.sparse import (
   CarryJacobian,
   DenseCarryJacobian,
   ParamJacobian,
-  sparse_jacfwd,
 )
+
+sparse_jacfwd = fe.sparse_jacfwd
 
 FEATURES, IN = 5, 4
 

@@ -17,7 +17,9 @@ from helpers import assert_trees_close
 from sparse_cells import setup
 
 import flax_eprop as fe
-from flax_eprop.sparse import NonLocalError, sparse_jacfwd
+
+NonLocalError = fe.NonLocalError
+sparse_jacfwd = fe.sparse_jacfwd
 
 FEATURES, IN = 4, 3
 sg = jax.lax.stop_gradient
@@ -120,8 +122,8 @@ def test_non_local_cell_raises(x64, key, cell, primitive, marker):
 
 
 def test_non_local_error_is_a_value_error():
-  assert issubclass(NonLocalError, ValueError)
-  assert fe.sparse.NonLocalError is NonLocalError
+  assert issubclass(fe.NonLocalError, ValueError)
+  assert fe.sparse.NonLocalError is fe.NonLocalError
 
 
 @pytest.mark.parametrize(
