@@ -8,6 +8,7 @@ and Bellec's ALIF e-prop written from the math of DESIGN.md section 2
 (`alif_eprop`, `eprop_grads`, `readout_signal`).
 """
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -100,6 +101,18 @@ def rnn_value_and_grad(model: Net, stop_recurrent: bool = False):
     return sequence_loss(outputs, labels), spikes
 
   return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+@functools.cache
+def online_fn(model: Net, chunk: int):
+  """Jitted `fe.online_value_and_grad` of ``model`` (cached: compiled once)."""
+  return jax.jit(fe.online_value_and_grad(model.apply, cross_entropy, chunk))
+
+
+@functools.cache
+def init_fn(model: Net):
+  """Jitted ``model.init`` (cached)."""
+  return jax.jit(model.init)
 
 
 def _is_rnn(module, method_name):
@@ -275,3 +288,52 @@ def readout_signal(w_out, b_out, z, labels):
   delta = (jnp.exp(log_p) - onehot) / batch  # dE / dlogits
   grad_w = jnp.einsum('tbf,tbc->fc', z, delta)
   return loss, delta @ w_out.T, grad_w, jnp.sum(delta, axis=(0, 1))
+
+
+# The tests' networks: every one spikes on `data` (5-30% of neuron-steps).
+
+IN, FEATURES, UPPER = 8, 6, 5
+F64, F32 = jnp.float64, jnp.float32
+DRIVE = shifted_normal(0.3, 0.5)
+ALIF_HP = Alif(tau_mem=10.0, tau_adapt=30.0, beta=0.3)
+UPPER_HP = Alif(tau_mem=5.0)  # an LIF: beta = 0
+
+
+@functools.cache
+def lif(dtype):
+  """A non-recurrent `fe.LIF` layer factory."""
+  return functools.partial(
+    fe.LIF, FEATURES, tau_mem=5.0, kernel_init=DRIVE, param_dtype=dtype
+  )
+
+
+@functools.cache
+def alif(dtype):
+  """A recurrent `fe.ALIF` layer factory (hyper-parameters ``ALIF_HP``)."""
+  return functools.partial(
+    fe.ALIF,
+    FEATURES,
+    tau_mem=ALIF_HP.tau_mem,
+    tau_adapt=ALIF_HP.tau_adapt,
+    beta=ALIF_HP.beta,
+    use_bias=True,
+    kernel_init=DRIVE,
+    recurrent_kernel_init=nn.initializers.normal(0.5),
+    bias_init=nn.initializers.normal(0.1),
+    param_dtype=dtype,
+  )
+
+
+@functools.cache
+def stacked(dtype):
+  """Recurrent ALIF -> recurrent LIF (``UPPER_HP``) -> Dense readout."""
+  upper = functools.partial(
+    fe.LIF,
+    UPPER,
+    tau_mem=UPPER_HP.tau_mem,
+    recurrent=True,
+    kernel_init=shifted_normal(3.0, 0.5),
+    recurrent_kernel_init=nn.initializers.normal(0.5),
+    param_dtype=dtype,
+  )
+  return Net((alif(dtype), upper), trace_dtype=dtype, param_dtype=dtype)

@@ -15,51 +15,35 @@ import numpy as np
 import pytest
 from helpers import assert_trees_close
 from online_models import (
-  Alif,
+  ALIF_HP,
+  DRIVE,
+  F32,
+  F64,
+  FEATURES,
+  IN,
+  UPPER_HP,
   Net,
+  alif,
   alif_eprop,
   assert_spiking,
   cross_entropy,
   data,
   eprop_grads,
+  init_fn,
+  lif,
+  online_fn,
   readout_signal,
   rnn_value_and_grad,
-  shifted_normal,
   split_variables,
+  stacked,
   to_dtype,
 )
 from sparse_cells import CubaLIF, TauLIF
 
 import flax_eprop as fe
 
-BATCH, TIME, IN, FEATURES = 3, 13, 8, 6
+BATCH, TIME = 3, 13
 SEEDS = (0, 1, 2)
-F64, F32 = jnp.float64, jnp.float32
-DRIVE = shifted_normal(0.3, 0.5)  # input kernels: 5-30% of neuron-steps spike
-ALIF_HP = Alif(tau_mem=10.0, tau_adapt=30.0, beta=0.3)
-
-
-@functools.cache
-def lif(dtype):
-  return functools.partial(
-    fe.LIF, FEATURES, tau_mem=5.0, kernel_init=DRIVE, param_dtype=dtype
-  )
-
-
-@functools.cache
-def alif(dtype):
-  return functools.partial(
-    fe.ALIF,
-    FEATURES,
-    tau_mem=ALIF_HP.tau_mem,
-    tau_adapt=ALIF_HP.tau_adapt,
-    beta=ALIF_HP.beta,
-    use_bias=True,
-    kernel_init=DRIVE,
-    recurrent_kernel_init=nn.initializers.normal(0.5),
-    bias_init=nn.initializers.normal(0.1),
-    param_dtype=dtype,
-  )
 
 
 @functools.cache
@@ -79,11 +63,6 @@ class StopGradALIF(fe.ALIF):
 
 
 @functools.cache
-def online_fn(model: Net, chunk: int):
-  return jax.jit(fe.online_value_and_grad(model.apply, cross_entropy, chunk))
-
-
-@functools.cache
 def bptt_fn(model: Net):
   return jax.jit(fe.bptt_value_and_grad(model.apply, cross_entropy))
 
@@ -99,11 +78,6 @@ def models(cells: tuple, dtype, stop_gradient_cells: tuple | None = None):
   online = Net(cells, trace_dtype=dtype, param_dtype=dtype)
   reference = Net(stop_gradient_cells or cells, mode='rnn', param_dtype=dtype)
   return online, reference
-
-
-@functools.cache
-def init_fn(model: Net):
-  return jax.jit(model.init)
 
 
 def setup(model: Net, seed: int, dtype):
@@ -267,23 +241,6 @@ def test_custom_cell_equals_stop_gradient_bptt(x64, name):
 
 
 # Stacking: the lower layer's learning signal is the instantaneous one.
-
-UPPER = 5
-UPPER_HP = Alif(tau_mem=5.0)  # an LIF: beta = 0
-
-
-@functools.cache
-def stacked(dtype):
-  upper = functools.partial(
-    fe.LIF,
-    UPPER,
-    tau_mem=UPPER_HP.tau_mem,
-    recurrent=True,
-    kernel_init=shifted_normal(3.0, 0.5),
-    recurrent_kernel_init=nn.initializers.normal(0.5),
-    param_dtype=dtype,
-  )
-  return Net((alif(dtype), upper), trace_dtype=dtype, param_dtype=dtype)
 
 
 def test_stacked_lower_layer_gets_instantaneous_signal(x64):
