@@ -10,6 +10,7 @@ applies an optimizer after every chunk (truly online learning).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable
 
 import jax
@@ -85,8 +86,6 @@ def _stacked_chunks(tree, count: int, size: int):
 def _scan_chunks(chunk_fn, carry, xs, ys, mask, chunk: int):
   """Folds ``chunk_fn(carry, xs_c, ys_c, mask_c) -> carry`` over chunks."""
   time = jnp.shape(xs)[1]
-  if not isinstance(chunk, int) or chunk < 1:
-    raise ValueError(f'chunk: expected a positive int (steps), got {chunk!r}.')
   count, rest = divmod(time, chunk)
   if count:
     stacked = _stacked_chunks((xs, ys, mask), count, chunk)
@@ -95,6 +94,17 @@ def _scan_chunks(chunk_fn, carry, xs, ys, mask, chunk: int):
   if rest:
     carry = chunk_fn(carry, *_chunks((xs, ys, mask), count * chunk, rest))
   return carry
+
+
+def _check_chunk(chunk) -> int:
+  """``chunk`` as an int; ``ValueError`` unless it is a positive integer."""
+  if (
+    isinstance(chunk, bool)
+    or not isinstance(chunk, numbers.Integral)
+    or chunk < 1
+  ):
+    raise ValueError(f'chunk: expected a positive int (steps), got {chunk!r}.')
+  return int(chunk)
 
 
 def _add(a, b):
@@ -125,6 +135,7 @@ def online_value_and_grad(
     `OnlineGrad` layer, the sum of its outputs: the spike count) and
     ``'penalty'`` (the firing-rate regularisation included in the loss).
   """
+  chunk = _check_chunk(chunk)
 
   def f(params, state, xs, ys, mask=None):
     _check(xs, ys, mask)
@@ -199,6 +210,7 @@ def online_update(
     ``f(params, opt_state, state, xs, ys, mask=None) -> ((loss, aux),
     params, opt_state, state)``.
   """
+  chunk = _check_chunk(chunk)
 
   def f(params, opt_state, state, xs, ys, mask=None):
     _check(xs, ys, mask)
