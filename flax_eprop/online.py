@@ -29,10 +29,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.core import lift
+from flax.errors import ScopeParamShapeError
 from flax.linen.transforms import lift_transform
 
 from flax_eprop import eligibility
-from flax_eprop.sparse import Plan, make_plan
+from flax_eprop.sparse import NonLocalError, Plan, make_plan
 
 CARRY = 'carry'
 ELIGIBILITY = 'eligibility'
@@ -147,7 +148,15 @@ class OnlineGrad(nn.Module):
       trace_dtype=self.trace_dtype,
       gradient=_GRADIENT.get(),
     )
-    ys, new_carry, new_traces = lifted(self.cell, carry, traces, xs, mask)
+    try:
+      ys, new_carry, new_traces = lifted(self.cell, carry, traces, xs, mask)
+    except (ValueError, ScopeParamShapeError) as e:
+      if isinstance(e, NonLocalError):
+        raise
+      raise ValueError(
+        f'OnlineGrad {self.name!r}: the cell rejected inputs of shape '
+        f'{inputs.shape} (in_features {inputs.shape[-1]}): {e}'
+      ) from e
     if init:
       zeros = jax.tree.map(jnp.zeros_like, new_traces)
       self.put_variable(ELIGIBILITY, 'traces', zeros)
