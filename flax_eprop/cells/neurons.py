@@ -177,8 +177,8 @@ class ALIF(LIF):
   Attributes:
     tau_adapt: adaptation time constant (ms; default 200), or the initial
       value when ``learn_tau_adapt``.
-    beta: adaptation strength (default 0.07, the value used with this
-      un-normalised ``a_t`` in e-prop ALIF experiments).
+    beta: adaptation strength (default 0.07). For the normalised LSNN form
+      with strength ``b``, use ``beta = b * (1 - rho)``.
     learn_tau_adapt: make ``tau_adapt`` a per-neuron parameter
       ``tau_adapt: (features,)``.
 
