@@ -72,25 +72,21 @@ def _chunks(tree, start: int, size: int):
   )
 
 
-def _stacked_chunks(tree, count: int, size: int):
-  """``(batch, count * size, ...) -> (count, batch, size, ...)``."""
-
-  def split(a):
-    a = a[:, : count * size]
-    a = a.reshape(a.shape[0], count, size, *a.shape[2:])
-    return jnp.moveaxis(a, 1, 0)
-
-  return jax.tree.map(split, tree)
-
-
 def _scan_chunks(chunk_fn, carry, xs, ys, mask, chunk: int):
-  """Folds ``chunk_fn(carry, xs_c, ys_c, mask_c) -> carry`` over chunks."""
+  """Folds ``chunk_fn(carry, xs_c, ys_c, mask_c) -> carry`` over chunks.
+
+  Each chunk is sliced out of the sequence inside the loop (no re-stacked
+  copy of the inputs: working memory does not grow with the time axis).
+  """
   time = jnp.shape(xs)[1]
   count, rest = divmod(time, chunk)
   if count:
-    stacked = _stacked_chunks((xs, ys, mask), count, chunk)
-    body = lambda c, inputs: (chunk_fn(c, *inputs), None)
-    carry, _ = jax.lax.scan(body, carry, stacked)
+
+    def body(c, i):
+      piece = lambda a: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, 1)
+      return chunk_fn(c, *jax.tree.map(piece, (xs, ys, mask))), None
+
+    carry, _ = jax.lax.scan(body, carry, jnp.arange(count))
   if rest:
     carry = chunk_fn(carry, *_chunks((xs, ys, mask), count * chunk, rest))
   return carry
