@@ -161,6 +161,13 @@ def assert_spiking(z, low=0.02, high=0.4):
   assert low < rate < high, f'spike rate {rate:.3f} not in ({low}, {high})'
 
 
+def assert_all_nonzero(grads):
+  """Every gradient leaf has a non-zero entry (no vacuous comparison)."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+    name = jax.tree_util.keystr(path)
+    assert np.any(np.asarray(leaf) != 0), f'gradient {name} is all zero'
+
+
 def stop_recurrent_input(next_fun, args, kwargs, context):
   """Method interceptor: ``sg`` on the input of every ``recurrent`` synapse.
 

@@ -25,6 +25,7 @@ from online_models import (
   Net,
   alif,
   alif_eprop,
+  assert_all_nonzero,
   assert_spiking,
   cross_entropy,
   data,
@@ -100,6 +101,7 @@ def check_against(f, online: Net, reference_grads, seeds=SEEDS):
       assert_spiking(z)
     counts = [float(c['output_sum']) for c in aux['output_sum'].values()]
     np.testing.assert_allclose(counts, [float(np.sum(z)) for z in spikes])
+    assert_all_nonzero(ref_grads)
     assert_trees_close(loss, ref_loss)
     assert_trees_close(grads, ref_grads)
 
@@ -188,6 +190,7 @@ def test_oracle2_alif_equals_bellec_eprop(x64, chunk):
       },
       'out': {'kernel': g_out, 'bias': g_out_bias},
     }
+    assert_all_nonzero(expected)
     assert_trees_close(loss, ref_loss)
     assert_trees_close(grads, expected)
 
@@ -236,6 +239,7 @@ def test_custom_cell_equals_stop_gradient_bptt(x64, name):
     (loss, _), grads, _ = f(params, state, xs, labels)
     (ref_loss, spikes), ref_grads = ref(params, xs, labels)
     assert_spiking(spikes[0])
+    assert_all_nonzero(ref_grads)
     assert_trees_close(loss, ref_loss)
     assert_trees_close(grads, ref_grads)
 
@@ -290,5 +294,6 @@ def test_stacked_lower_layer_gets_instantaneous_signal(x64):
       },
       'out': {'kernel': g_out, 'bias': g_out_bias},
     }
+    assert_all_nonzero(expected)
     assert_trees_close(loss, ref_loss)
     assert_trees_close(grads, expected)
