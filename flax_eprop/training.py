@@ -41,7 +41,8 @@ def _sequence_loss(apply_fn, loss_fn, params, state, xs, ys, mask):
   valid = jnp.ones(per_step.shape, bool) if mask is None else mask
   loss = jnp.sum(jnp.where(valid, per_step, 0)) / per_step.shape[0]
   metrics = new_state.pop(METRICS, {})
-  penalty = sum(jax.tree.leaves(new_state.pop(LOSSES, {})), jnp.zeros(()))
+  penalties = jax.tree.leaves(new_state.pop(LOSSES, {}))
+  penalty = sum(penalties, jnp.zeros((), loss.dtype)).astype(loss.dtype)
   aux = {'steps': jnp.sum(valid), 'output_sum': metrics, 'penalty': penalty}
   loss = loss + penalty
   return loss, (aux, new_state)
