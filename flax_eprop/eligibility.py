@@ -205,7 +205,9 @@ def backward(plan: Plan, res: ChunkResiduals, ys_bar: list):
   lam0 = jnp.zeros(rows.shape[1:-3] + (k, rows.shape[-1]), rows.dtype)
   lam0, g = jax.lax.scan(back, lam0, (rows, y_rows), reverse=True)
   params_bar = _param_grads(plan, res, g, lam0)
-  xs_bar = _input_cotangents(plan, res, ys_bar)
+  p_leaves = jax.tree.leaves(res.params)
+  outputs = lambda h, x: _jaxpr.evaluate(plan.program, [*p_leaves, *h, *x])[k:]
+  xs_bar = instantaneous_cotangents(outputs, res.carries, res.xs, ys_bar)
   return params_bar, xs_bar
 
 
@@ -241,15 +243,21 @@ def _param_grads(plan: Plan, res: ChunkResiduals, g, lam0):
   return jax.tree.unflatten(p_def, grads)
 
 
-def _input_cotangents(plan: Plan, res: ChunkResiduals, ys_bar):
-  k = plan.num_carry
-  p_leaves = jax.tree.leaves(res.params)
+def instantaneous_cotangents(outputs, carries, xs, ys_bar):
+  """Cotangents of each step's inputs through that step's outputs only.
+
+  Args:
+    outputs: ``outputs(h_leaves, x_leaves) -> y_leaves`` of one step.
+    carries: the carry leaves before each step, each ``(n, *batch, F)``.
+    xs: the input leaves, each ``(n, *batch, ...)``.
+    ys_bar: the output cotangents, each ``(n, *batch, F)``.
+
+  Returns:
+    The input cotangents, a list like ``xs``.
+  """
 
   def one(h, x, y_bar):
-    def outputs(x_):
-      return _jaxpr.evaluate(plan.program, [*p_leaves, *h, *x_])[k:]
-
-    ys, vjp = jax.vjp(outputs, x)
+    ys, vjp = jax.vjp(lambda x_: outputs(h, x_), x)
     return vjp([yb.astype(y.dtype) for yb, y in zip(y_bar, ys)])[0]
 
-  return jax.vmap(one)(res.carries, res.xs, ys_bar)
+  return jax.vmap(one)(carries, xs, ys_bar)

@@ -32,14 +32,15 @@ from flax.core import lift
 from flax.errors import ScopeParamShapeError
 from flax.linen.transforms import lift_transform
 
-from flax_eprop import eligibility
-from flax_eprop.sparse import NonLocalError, Plan, make_plan
+from flax_eprop import eligibility, rtrl
+from flax_eprop.sparse import NonLocalError, Plan, _jaxpr, make_plan
 
 CARRY = 'carry'
 ELIGIBILITY = 'eligibility'
 METRICS = 'online_metrics'
 LOSSES = 'online_losses'
 GradientMode = Literal['online', 'bptt']
+Mode = Literal['eprop', 'exact']
 
 _GRADIENT: contextvars.ContextVar[str] = contextvars.ContextVar(
   'flax_eprop_gradient', default='online'
@@ -96,6 +97,12 @@ class OnlineGrad(nn.Module):
   Attributes:
     cell: the recurrent cell, ``cell(carry, x) -> (carry, y)`` with every
       carry and output leaf of shape ``(*batch, features)``.
+    mode: ``'eprop'`` (default): compressed e-prop traces, the recurrent
+      synapse paths dropped. ``'exact'``: real-time recurrent learning
+      (`flax_eprop.rtrl`), the exact gradient of the layer computed forward
+      in time with a dense trace ``(*batch, K * features, num_params)``
+      stored under ``'rtrl'``; for small networks and for measuring e-prop's
+      approximation. Any cell works in this mode, neuron-mixing ones too.
     time_major: inputs are ``(time, *batch, in)`` instead of batch-major.
     trace_dtype: dtype of the stored eligibility traces.
     target_rate: target mean output per step (spikes per step, e.g. 0.01 =
@@ -119,6 +126,7 @@ class OnlineGrad(nn.Module):
   """
 
   cell: nn.RNNCellBase
+  mode: Mode = 'eprop'
   time_major: bool = False
   trace_dtype: Any = jnp.float32
   target_rate: float | None = None
@@ -138,6 +146,11 @@ class OnlineGrad(nn.Module):
     Returns:
       The outputs, ``(*batch, time, features)`` (or time-major).
     """
+    if self.mode not in ('eprop', 'exact'):
+      raise ValueError(
+        f"OnlineGrad {self.name!r}: mode must be 'eprop' or 'exact', got "
+        f'{self.mode!r}.'
+      )
     xs, mask = self._time_first(inputs, mask)
     carry = self._stored_carry(xs)
     init = self.is_initializing()
@@ -147,6 +160,7 @@ class OnlineGrad(nn.Module):
       _cell_step,
       trace_dtype=self.trace_dtype,
       gradient=_GRADIENT.get(),
+      mode=self.mode,
     )
     try:
       ys, new_carry, new_traces = lifted(self.cell, carry, traces, xs, mask)
@@ -248,7 +262,7 @@ def _cell_step(cell, carry, x):
   return cell(carry, x)
 
 
-def _online_transform(fn, *, trace_dtype, gradient: str):
+def _online_transform(fn, *, trace_dtype, gradient: str, mode: str):
   """The core lifted transform (cf. `flax.core.lift.custom_vjp`)."""
 
   def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args):
@@ -266,6 +280,8 @@ def _online_transform(fn, *, trace_dtype, gradient: str):
     if gradient == 'bptt':
       ys, new_carry = _scan(step, params, carry, xs, mask)
       out = (ys, new_carry, traces)
+    elif mode == 'exact':
+      out = _exact(step, params, carry, traces, xs, mask, trace_dtype)
     else:
       out = _online(step, params, carry, traces, xs, mask, trace_dtype)
     return out, variable_groups
@@ -298,20 +314,23 @@ def _online(step, params, carry, traces, xs, mask, trace_dtype):
     )
   _check_traces(plan, names, traces)
   split = lambda t: _split_traces(plan, [t[n] for n in names])
-  run = _chunk_vjp(plan, trace_dtype)
+  run = _chunk_vjp(
+    lambda p, x, c, t, m: eligibility.forward(plan, p, c, x, m, t, trace_dtype),
+    lambda res, ys_bar: eligibility.backward(plan, res, ys_bar),
+  )
   ys, new_carry, new_traces = run(params, xs, carry, split(traces), mask)
   y_def = plan.out_def.children()[1]
   new_traces = dict(zip(names, _flat_traces(new_traces)))
   return jax.tree.unflatten(y_def, ys), new_carry, new_traces
 
 
-def _chunk_vjp(plan: Plan, trace_dtype):
-  """The chunk as a `jax.custom_vjp` of ``(params, xs)``."""
+def _chunk_vjp(forward, backward):
+  """A chunk ``(params, xs, carry, traces, mask)`` as a `jax.custom_vjp`.
 
-  def forward(params, xs, carry, traces, mask):
-    return eligibility.forward(
-      plan, params, carry, xs, mask, traces, trace_dtype
-    )
+  ``forward(...) -> (ys, new_carry, new_traces, residuals)``;
+  ``backward(residuals, ys_bar) -> (params_bar, [xs_bar])``. Carry, traces
+  and mask get no cotangent: nothing flows back across calls.
+  """
 
   @jax.custom_vjp
   def run(params, xs, carry, traces, mask):
@@ -322,12 +341,52 @@ def _chunk_vjp(plan: Plan, trace_dtype):
     return (ys, new_carry, new_traces), res
 
   def bwd(res, cotangents):
-    ys_bar = cotangents[0]
-    params_bar, (xs_bar,) = eligibility.backward(plan, res, ys_bar)
+    params_bar, (xs_bar,) = backward(res, cotangents[0])
     return params_bar, xs_bar, None, None, None
 
   run.defvjp(fwd, bwd)
   return run
+
+
+def _exact(step, params, carry, traces, xs, mask, trace_dtype):
+  """RTRL (``mode='exact'``) over the chunk; traces ``{'rtrl': ...}``."""
+  rank = jnp.ndim(jax.tree.leaves(carry)[0]) - 1  # batch axes
+  first = lambda tree: jax.tree.map(lambda a: a[(0,) * rank], tree)
+  pure, out_def = _pure_step(step, params, first(carry), first(xs[0]))
+  shape = rtrl.trace_shape(params, carry)
+  if traces is None:
+    traces = {'rtrl': jnp.zeros(shape, trace_dtype)}
+  got = {k: jnp.shape(v) for k, v in traces.items()}
+  if got != {'rtrl': shape}:
+    raise ValueError(
+      f"OnlineGrad: the stored 'eligibility' traces {got} do not match this "
+      f"cell and input in mode='exact' (expected {{'rtrl': {shape}}}); "
+      're-init the state or reset it with fe.reset_state.'
+    )
+  carry_def = jax.tree.structure(carry)
+  run = _chunk_vjp(
+    lambda p, x, c, t, m: rtrl.forward(pure, p, c, x, m, t, trace_dtype),
+    lambda res, ys_bar: rtrl.backward(pure, res, ys_bar, carry_def),
+  )
+  ys, new_carry, new_trace = run(params, xs, carry, traces['rtrl'], mask)
+  y_def = out_def.children()[1]
+  return jax.tree.unflatten(y_def, ys), new_carry, {'rtrl': new_trace}
+
+
+def _pure_step(step, params, carry, x):
+  """The step as a function of arrays only (its jaxpr, re-evaluated), for
+  arguments shaped like ``(params, carry, x)``.
+
+  Unlike ``step``, it builds no Flax scope, so the backward pass of a custom
+  VJP may call it after the module's scopes are gone.
+  """
+  program, out_def, _ = _jaxpr.trace(step, params, carry, x)
+
+  def pure(p, c, x):
+    leaves = [*jax.tree.leaves(p), *jax.tree.leaves(c), *jax.tree.leaves(x)]
+    return jax.tree.unflatten(out_def, _jaxpr.evaluate(program, leaves))
+
+  return pure, out_def
 
 
 def _trace_names(plan: Plan) -> list[str]:
