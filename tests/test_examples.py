@@ -20,22 +20,14 @@ def test_readme_example_runs_and_loss_falls():
 
 
 @pytest.mark.slow
-def test_train_bptt_example_learns(capsys):
-  path = ROOT / 'examples' / 'train_bptt.py'
-  spec = importlib.util.spec_from_file_location('train_bptt', path)
+@pytest.mark.parametrize(
+  'name, steps', [('train_bptt', 250), ('train_eprop', 200)]
+)
+def test_example_script_learns(capsys, name, steps):
+  path = ROOT / 'examples' / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  loss, accuracy = module.main(steps=250)
-  assert loss < 0.1 and accuracy > 0.9
-  assert 'accuracy' in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_train_eprop_example_learns(capsys):
-  path = ROOT / 'examples' / 'train_eprop.py'
-  spec = importlib.util.spec_from_file_location('train_eprop', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  loss, accuracy = module.main(steps=200)
+  loss, accuracy = module.main(steps=steps)
   assert loss < 0.1 and accuracy > 0.9
   assert 'accuracy' in capsys.readouterr().out
