@@ -165,19 +165,18 @@ class OnlineGrad(nn.Module):
     try:
       ys, new_carry, new_traces = lifted(self.cell, carry, traces, xs, mask)
     except (ValueError, ScopeParamShapeError) as e:
-      if isinstance(e, NonLocalError):
+      if isinstance(e, NonLocalError | _StateError):
         raise
       raise ValueError(
         f'OnlineGrad {self.name!r}: the cell rejected inputs of shape '
         f'{inputs.shape} (in_features {inputs.shape[-1]}): {e}'
       ) from e
-    if init:
+    if init:  # the state starts at rest: the initial carry, zero traces
       zeros = jax.tree.map(jnp.zeros_like, new_traces)
       self.put_variable(ELIGIBILITY, 'traces', zeros)
     else:
       self.put_variable(CARRY, 'state', new_carry)
       self.put_variable(ELIGIBILITY, 'traces', new_traces)
-    if not init:
       self._report(ys, mask)
     axis = 0 if self.time_major else inputs.ndim - 2
     return jax.tree.map(lambda y: jnp.moveaxis(y, 0, axis), ys)
@@ -226,10 +225,8 @@ class OnlineGrad(nn.Module):
     return xs, jnp.moveaxis(jnp.asarray(mask, bool), axis, 0)
 
   def _stored_carry(self, xs):
-    if self.is_initializing():
-      rng = self.make_rng('params') if self.has_rng('params') else None
-      rng = jax.random.key(0) if rng is None else rng
-      carry = self.cell.initialize_carry(rng, xs.shape[1:])
+    if self.is_initializing():  # a fixed key, as nn.RNN uses by default
+      carry = self.cell.initialize_carry(jax.random.key(0), xs.shape[1:])
       return self.variable(CARRY, 'state', lambda: carry).value
     carry = self._stored(CARRY, 'state')
     want = jax.tree.leaves(carry)[0].shape[:-1]
@@ -256,6 +253,10 @@ class OnlineGrad(nn.Module):
         "mutable=['carry', 'eligibility']) and keep the returned state."
       )
     return self.get_variable(collection, name)
+
+
+class _StateError(ValueError):
+  """The stored state does not fit this layer (raised as is)."""
 
 
 def _cell_step(cell, carry, x):
@@ -358,7 +359,7 @@ def _exact(step, params, carry, traces, xs, mask, trace_dtype):
     traces = {'rtrl': jnp.zeros(shape, trace_dtype)}
   got = {k: jnp.shape(v) for k, v in traces.items()}
   if got != {'rtrl': shape}:
-    raise ValueError(
+    raise _StateError(
       f"OnlineGrad: the stored 'eligibility' traces {got} do not match this "
       f"cell and input in mode='exact' (expected {{'rtrl': {shape}}}); "
       're-init the state or reset it with fe.reset_state.'
@@ -429,7 +430,7 @@ def _check_traces(plan: Plan, names, traces) -> None:
   expected = dict(zip(names, synapses + direct))
   got = {k: jnp.shape(v) for k, v in traces.items()}
   if got != expected:
-    raise ValueError(
+    raise _StateError(
       f"OnlineGrad: the stored 'eligibility' traces {got} do not match this "
       f'cell and input (expected {expected}); re-init the state or reset it '
       'with fe.reset_state.'

@@ -124,6 +124,14 @@ def test_params_tree_is_nn_rnn_s(key):
     )
 
 
+def test_params_values_are_nn_rnn_s(key):
+  """The same init key gives the same parameter values as nn.RNN."""
+  xs = jnp.ones((2, 5, 3))
+  online = fe.OnlineGrad(fe.ALIF(4, use_bias=True)).init(key, xs)['params']
+  rnn = nn.RNN(fe.ALIF(4, use_bias=True)).init(key, xs)['params']
+  assert_trees_close(online, rnn, rtol=0, atol=0)
+
+
 # Oracle 1: a non-recurrent layer, memoryless readout: online == BPTT.
 
 
