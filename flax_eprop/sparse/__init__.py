@@ -17,6 +17,7 @@ from typing import Callable, Literal, Sequence
 import jax
 import jax.numpy as jnp
 
+from flax_eprop.sparse.axes import NonLocalError as NonLocalError
 from flax_eprop.sparse.jacobians import (
   CarryJacobian as CarryJacobian,
 )
@@ -32,7 +33,6 @@ from flax_eprop.sparse.jacobians import (
 from flax_eprop.sparse.numbers import StepFactors as StepFactors
 from flax_eprop.sparse.numbers import kernel_values as kernel_values
 from flax_eprop.sparse.numbers import step_factors as step_factors
-from flax_eprop.sparse.structure import NonLocalError as NonLocalError
 from flax_eprop.sparse.structure import Plan as Plan
 from flax_eprop.sparse.structure import make_plan as make_plan
 
