@@ -147,3 +147,30 @@ def test_custom_vjp_spike_raises(x64, key):
   with pytest.raises(NonLocalError, match=match) as info:
     sparse_jacfwd(cell.apply)(params, carry, x)
   assert 'jax.custom_jvp' in str(info.value)  # says what to use instead
+
+
+class GainedRecurrence(nn.Module):
+  """A per-neuron gain applied before a recurrent synapse: its immediate
+  derivative goes through W_rec (not Kronecker), so e-prop must refuse it."""
+
+  @nn.compact
+  def __call__(self, carry, x):
+    v, z = carry
+    gain = self.param('gain', nn.initializers.ones, (FEATURES,))
+    current = nn.Dense(FEATURES, name='input')(x)
+    recurrent = nn.Dense(FEATURES, use_bias=False, name='recurrent')
+    current = current + recurrent(z * gain[None])  # <- gained
+    v = 0.9 * v + current - sg(z)
+    z = fe.surrogates.triangle(v - 1.0)
+    return (v, z), z
+
+
+def test_parameter_before_a_synapse_raises_at_the_users_line(key):
+  carry = (jnp.zeros((2, FEATURES)),) * 2
+  x = jnp.ones((2, IN))
+  params = GainedRecurrence().init(key, carry, x)['params']
+  step = lambda p, c, x: GainedRecurrence().apply({'params': p}, c, x)
+  # The op is inside Flax's Dense; the message names the user's line.
+  match = line_of('# <- gained') + r'.*presynaptic input.*parameter'
+  with pytest.raises(NonLocalError, match=match):
+    sparse_jacfwd(step)(params, carry, x)

@@ -8,6 +8,10 @@ flat list of `Op` records over integer value ids.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
+import os
+import sysconfig
 from typing import Any, Callable, Sequence
 
 import jax
@@ -25,6 +29,9 @@ _INLINED = {
   'checkpoint': 'jaxpr',
 }
 CUSTOM_JVP = 'custom_jvp_call'
+# Frames in these packages (and the standard library) are never the line of a
+# user's cell that an error should point to, e.g. Flax's Dense.__call__.
+_LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'equinox')
 CUSTOM_VJP = ('custom_vjp_call', 'custom_vjp_call_jaxpr')
 
 
@@ -123,7 +130,7 @@ def flatten(closed) -> Program:
           outs=outs,
           in_avals=tuple(_aval(a) for a in eqn.invars),
           out_avals=tuple(v.aval for v in eqn.outvars),
-          where=source_info_util.summarize(eqn.source_info),
+          where=_where(eqn.source_info),
           ctx=eqn.ctx,
         )
       )
@@ -139,6 +146,26 @@ def flatten(closed) -> Program:
   invars = tuple(new_id(v) for v in jaxpr.invars)
   outvars = walk(jaxpr, const_ids, invars)
   return Program(tuple(ops), invars, outvars, consts)
+
+
+@functools.lru_cache(maxsize=None)
+def _library_dirs() -> tuple[str, ...]:
+  dirs = [sysconfig.get_paths()['stdlib']]
+  for name in _LIBRARIES:
+    spec = importlib.util.find_spec(name)
+    if spec is not None and spec.submodule_search_locations:
+      dirs.extend(spec.submodule_search_locations)
+  return tuple(os.path.join(os.path.realpath(d), '') for d in dirs)
+
+
+def _where(source_info) -> str:
+  """``file:line (function)`` of the innermost frame outside the libraries."""
+  traceback = source_info.traceback
+  libraries = _library_dirs()
+  for frame in traceback.frames if traceback is not None else ():
+    if not os.path.realpath(frame.file_name).startswith(libraries):
+      return f'{frame.file_name}:{frame.line_num} ({frame.function_name})'
+  return source_info_util.summarize(source_info)
 
 
 def _open(jaxpr):

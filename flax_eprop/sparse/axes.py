@@ -41,13 +41,15 @@ class Label:
     the input `x`, constants), or 'tracked' (carries a tangent).
   axes: per-axis label of a tracked value: 'n' neuron, 'b' batch, None free.
   params: parameter leaves a 'param' value derives from.
-  carry: whether a tracked value depends on the previous carry.
+  sources: where a tracked value's tangent comes from: 'carry' (the previous
+    carry), 'param' (per-neuron or scalar parameters), 'synapse' (synapse
+    outputs).
   """
 
   kind: str
   axes: tuple = ()
   params: frozenset = frozenset()
-  carry: bool = False
+  sources: frozenset = frozenset()
 
 
 def out_axes(op: Op, ins: list[Label]) -> tuple:

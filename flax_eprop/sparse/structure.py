@@ -111,7 +111,7 @@ def make_plan(step: Callable, params, carry, x) -> Plan:
   )
   neuron = ('b',) * len(batch_shape) + ('n',)
   labels = [Label('param', params=frozenset([i])) for i in range(n_p)]
-  labels += [Label('tracked', neuron, carry=True)] * n_c
+  labels += [Label('tracked', neuron, sources=frozenset({'carry'}))] * n_c
   labels += [Label('input')] * len(x_leaves)
   walk = _Walk(features)
   outs = walk.run(program, labels)
@@ -233,14 +233,14 @@ class _Walk:
     if kinds <= {'const', 'input'}:
       return [Label('input')] * len(op.outs)
     ins = [self.as_tracked(op, i, label) for i, label in enumerate(ins)]
-    carry = any(label.carry for label in ins)
+    sources = frozenset().union(*(label.sources for label in ins))
     if op.name == _jaxpr.CUSTOM_JVP:
       inner = _Walk(self.features, inside=op.params.get('name', 'custom_jvp'))
       outs = inner.run(op.body(), ins)
       self.direct |= inner.direct
       return outs
     axes = out_axes(op, ins)
-    return [Label('tracked', axes, carry=carry)] * len(op.outs)
+    return [Label('tracked', axes, sources=sources)] * len(op.outs)
 
   def as_tracked(self, op: Op, i: int, label: Label) -> Label:
     """A parameter value entering the dynamics becomes a tangent source."""
@@ -256,7 +256,7 @@ class _Walk:
       )
     last = 'n' if shape and shape[-1] == self.features != 1 else None
     axes = (None,) * (len(shape) - 1) + (last,) if shape else ()
-    return Label('tracked', axes)
+    return Label('tracked', axes, sources=frozenset({'param'}))
 
   def synapse(self, op: Op, ins: list[Label]) -> Label:
     k = 0 if ins[0].kind == 'param' else 1
@@ -274,11 +274,12 @@ class _Walk:
         'not a synapse of the supported form `u @ W` with W of shape '
         '(in, features) contracting one axis.'
       )
-    if pre.kind == 'tracked' and not pre.carry:
+    if pre.kind == 'tracked' and pre.sources - {'carry'}:
       raise NonLocalError(
         f'{op.where}: the presynaptic input of this synapse depends on '
-        'another synapse or on a per-neuron parameter; e-prop supports one '
-        'synapse between the input (or the previous carry) and the neurons.'
+        'another synapse or on a per-neuron/scalar parameter; e-prop supports '
+        'one synapse between the input (or a function of the previous carry) '
+        'and the neurons.'
       )
     self.kernel |= kernel.params
     w_in = contract[k][0]
@@ -296,4 +297,4 @@ class _Walk:
     pre_axes = ['b'] * (len(op.in_avals[1 - k].shape) - 1)
     w_axes = ['n']
     axes = pre_axes + w_axes if k == 1 else w_axes + pre_axes
-    return Label('tracked', tuple(axes))
+    return Label('tracked', tuple(axes), sources=frozenset({'synapse'}))
