@@ -18,8 +18,13 @@ matmuls, and the per-synapse trace is read and written once per chunk. The
 gradient equals propagating the traces step by step and contracting each
 step's learning signal, for any chunk length.
 
-Trace layout: a synapse trace is ``(*batch, K, features, in)``; a per-neuron
-or scalar parameter trace is ``(*batch, K, features)``.
+Only the K' *core* carry leaves keep traces (`Plan.core`): a derived leaf
+such as the spike ``z_t = H(v_t - A_t)`` has ``eps_z = C_t eps_core``, so its
+trace is never stored; the coefficients ``C`` at the chunk boundary are
+(``E = [I; C]`` below maps core traces to all K rows). Trace layout: a
+synapse trace is ``(*batch, K', features, in)``, a per-neuron or scalar
+parameter trace ``(*batch, K', features)``, the derived coefficients
+``(*batch, Kd, K', features)``.
 """
 
 from __future__ import annotations
@@ -58,19 +63,24 @@ class ChunkResiduals(NamedTuple):
   params: Any
 
 
-def trace_shapes(plan: Plan) -> tuple[list, list]:
-  """Shapes of the synapse traces and the direct-parameter traces."""
-  k, f = plan.num_carry, plan.features
+def trace_shapes(plan: Plan) -> tuple[list, list, list]:
+  """Shapes of the synapse traces, the direct-parameter traces and the
+  derived coefficients (an empty list when no carry leaf is derived)."""
+  k, f = len(plan.core), plan.features
   lead = (*plan.batch_shape, k, f)
   synapses = [lead + (s.in_features,) for s in plan.synapses]
-  return synapses, [lead] * len(plan.direct_params)
+  derived = (*plan.batch_shape, len(plan.derived), k, f)
+  return (
+    synapses,
+    [lead] * len(plan.direct_params),
+    [derived] * bool(plan.derived),
+  )
 
 
-def zero_traces(plan: Plan, dtype) -> tuple[list, list]:
-  """All-zero traces ``(synapse traces, direct traces)`` for `plan`."""
-  synapses, direct = trace_shapes(plan)
-  zeros = lambda shape: jnp.zeros(shape, dtype)
-  return [zeros(s) for s in synapses], [zeros(s) for s in direct]
+def zero_traces(plan: Plan, dtype) -> tuple[list, list, list]:
+  """All-zero traces, as `trace_shapes` for `plan`."""
+  zeros = lambda shapes: [jnp.zeros(shape, dtype) for shape in shapes]
+  return tuple(zeros(shapes) for shapes in trace_shapes(plan))
 
 
 def forward(plan: Plan, params, carry, xs, mask, traces, trace_dtype):
@@ -83,7 +93,8 @@ def forward(plan: Plan, params, carry, xs, mask, traces, trace_dtype):
     xs: time-major inputs, a pytree of ``(n, *batch, ...)`` leaves.
     mask: ``(n, *batch)`` bool; False steps leave the carry, the traces and
       the gradient unchanged and output zeros.
-    traces: ``(synapse traces, direct traces)`` at the chunk's start.
+    traces: ``(synapse traces, direct traces, derived coefficients)`` at the
+      chunk's start (`zero_traces` layout).
     trace_dtype: dtype the updated traces are stored in.
 
   Returns:
@@ -93,18 +104,25 @@ def forward(plan: Plan, params, carry, xs, mask, traces, trace_dtype):
   k = plan.num_carry
   c_leaves = jax.tree.leaves(carry)
 
-  def body(h, inputs):
+  def body(state, inputs):
+    h, coefficients = state
     x, m = inputs
     outs, f = step_factors(plan, params, h, x)
     f = _mask_factors(f, m, k)
     keep = lambda new, old: jnp.where(m[..., None], new, old)
     new_h = [keep(a, b) for a, b in zip(outs[:k], h)]
     ys = [keep(y, jnp.zeros_like(y)) for y in outs[k:]]
-    return new_h, (ys, f, h)
+    coefficients = [
+      jnp.where(m[..., None, None, None], f.derived, c).astype(c.dtype)
+      for c in coefficients
+    ]
+    return (new_h, coefficients), (ys, f, h)
 
   x_leaves = jax.tree.leaves(xs)
-  h_end, (ys, factors, carries) = jax.lax.scan(body, c_leaves, (x_leaves, mask))
-  new_traces = _propagate(factors, traces, k, trace_dtype)
+  (h_end, c_end), (ys, factors, carries) = jax.lax.scan(
+    body, (c_leaves, traces[2]), (x_leaves, mask)
+  )
+  new_traces = (*_propagate(plan, factors, traces, trace_dtype), c_end)
   residuals = ChunkResiduals(factors, carries, x_leaves, mask, traces, params)
   return ys, jax.tree.unflatten(plan.carry_def, h_end), new_traces, residuals
 
@@ -115,10 +133,9 @@ def _mask_factors(f: StepFactors, m, k: int) -> StepFactors:
   eye = jnp.eye(rows, kk, dtype=f.carry.dtype)[..., None]
   valid = m[..., None, None, None]
   zero = lambda a: jnp.where(m[..., None, None], a, 0)
-  return StepFactors(
+  return f._replace(
     carry=jnp.where(valid, f.carry, eye),
     post=tuple(zero(p) for p in f.post),
-    pre=f.pre,
     direct=tuple(zero(d) for d in f.direct),
   )
 
@@ -152,8 +169,22 @@ def _block_trace(a, eps):
   )
 
 
-def _propagate(factors: StepFactors, traces, k: int, trace_dtype):
-  """``eps_{t0+n} = Phi eps_{t0} + sum_s Phi_s F_s`` for every trace."""
+def _expand(plan: Plan, coefficients: list, like) -> jax.Array:
+  """``E: (*batch, K, K', F)``, all K trace rows from the K' core rows:
+  identity rows for the core leaves, ``C`` for the derived ones."""
+  shape = (*plan.batch_shape, len(plan.core), plan.features)
+  rows = [None] * plan.num_carry
+  for p, i in enumerate(plan.core):
+    onehot = jnp.zeros(len(plan.core), like.dtype).at[p].set(1)
+    rows[i] = jnp.broadcast_to(onehot[:, None], shape)
+  for d, i in enumerate(plan.derived):
+    rows[i] = coefficients[0][..., d, :, :].astype(like.dtype)
+  return jnp.stack(rows, axis=-3)
+
+
+def _propagate(plan: Plan, factors: StepFactors, traces, trace_dtype):
+  """``eps_{t0+n} = Phi E eps_{t0} + sum_s Phi_s F_s`` for the core rows."""
+  k = plan.num_carry
   local = factors.carry[..., :k, :, :]  # (n, *batch, K, K, F)
   eye = jnp.broadcast_to(
     jnp.eye(k, dtype=local.dtype)[..., None], local.shape[1:]
@@ -163,16 +194,21 @@ def _propagate(factors: StepFactors, traces, k: int, trace_dtype):
     return _block_matmul(phi, d), phi
 
   phi_total, phis = jax.lax.scan(back, eye, local, reverse=True)
-  synapse_traces, direct_traces = traces
+  synapse_traces, direct_traces, coefficients = traces
+  core = jnp.array(plan.core)
+  phis = phis[..., core, :, :]  # (n, *batch, K', K, F)
+  phi_start = _block_matmul(
+    phi_total[..., core, :, :], _expand(plan, coefficients, local)
+  )
   new_synapses = []
   for eps, post, pre in zip(synapse_traces, factors.post, factors.pre):
     a = _block_matvec(phis, post[..., :k, :])
-    new = _block_trace(phi_total, eps)
+    new = _block_trace(phi_start, eps)
     new = new + jnp.einsum('s...if,s...m->...ifm', a, pre)
     new_synapses.append(new.astype(trace_dtype))
   new_direct = []
   for eps, direct in zip(direct_traces, factors.direct):
-    new = _block_matvec(phi_total, eps)
+    new = _block_matvec(phi_start, eps)
     new = new + _block_matvec(phis, direct[..., :k, :]).sum(0)
     new_direct.append(new.astype(trace_dtype))
   return new_synapses, new_direct
@@ -204,6 +240,8 @@ def backward(plan: Plan, res: ChunkResiduals, ys_bar: list):
 
   lam0 = jnp.zeros(rows.shape[1:-3] + (k, rows.shape[-1]), rows.dtype)
   lam0, g = jax.lax.scan(back, lam0, (rows, y_rows), reverse=True)
+  # The start traces of all K rows are E eps: their cotangent is E^T lam0.
+  lam0 = _block_rmatvec(_expand(plan, res.traces[2], lam0), lam0)
   params_bar = _param_grads(plan, res, g, lam0)
   p_leaves = jax.tree.leaves(res.params)
   outputs = lambda h, x: _jaxpr.evaluate(plan.program, [*p_leaves, *h, *x])[k:]
@@ -212,7 +250,7 @@ def backward(plan: Plan, res: ChunkResiduals, ys_bar: list):
 
 
 def _param_grads(plan: Plan, res: ChunkResiduals, g, lam0):
-  synapse_traces, direct_traces = res.traces
+  synapse_traces, direct_traces, _ = res.traces
   kernel_bar = []
   for s, eps, post, pre in zip(
     plan.synapses, synapse_traces, res.factors.post, res.factors.pre

@@ -16,6 +16,9 @@ from flax.core import lift
 from flax_eprop import eligibility, rtrl
 from flax_eprop.sparse import Plan, _jaxpr, make_plan
 
+# Name of the derived-leaf coefficients among the traces (`Plan.derived`).
+DERIVED = 'derived_coefficients'
+
 
 class StateError(ValueError):
   """The stored state does not fit this layer (raised as is)."""
@@ -170,6 +173,7 @@ def _trace_names(plan: Plan) -> list[str]:
     '+'.join(leaf_names[i] for i in sorted(s.params)) for s in plan.synapses
   ]
   names += [leaf_names[i] for i in plan.direct_params]
+  names += [DERIVED] * bool(plan.derived)
   seen: dict[str, int] = {}
   for i, name in enumerate(names):
     seen[name] = seen.get(name, 0) + 1
@@ -179,18 +183,16 @@ def _trace_names(plan: Plan) -> list[str]:
 
 
 def _flat_traces(traces) -> list:
-  synapses, direct = traces
-  return [*synapses, *direct]
+  return [leaf for group in traces for leaf in group]
 
 
 def _split_traces(plan: Plan, flat: list):
-  n = len(plan.synapses)
-  return flat[:n], flat[n:]
+  s, p = len(plan.synapses), len(plan.direct_params)
+  return flat[:s], flat[s : s + p], flat[s + p :]
 
 
 def _check_traces(plan: Plan, names, traces) -> None:
-  synapses, direct = eligibility.trace_shapes(plan)
-  expected = dict(zip(names, synapses + direct))
+  expected = dict(zip(names, _flat_traces(eligibility.trace_shapes(plan))))
   got = {k: jnp.shape(v) for k, v in traces.items()}
   if got != expected:
     raise StateError(

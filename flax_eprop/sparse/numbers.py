@@ -41,12 +41,16 @@ class StepFactors(NamedTuple):
     direct: per direct parameter, ``(*batch, K + R, features)``: the
       diagonal ``d out_r[n] / d p[n]`` (shape ``(features,)`` params) or the
       column ``d out_r[n] / d p`` (scalar params).
+    derived: ``(*batch, Kd, K', features)``: ``C_t``, the derivative of each
+      derived carry leaf's new value w.r.t. the core leaves' new values
+      (`Plan.derived`); ``None`` when nothing is derived.
   """
 
   carry: jax.Array
   post: tuple
   pre: tuple
   direct: tuple
+  derived: jax.Array | None = None
 
 
 def step_factors(plan: Plan, params, carry, x) -> tuple[list, StepFactors]:
@@ -69,7 +73,10 @@ def step_factors(plan: Plan, params, carry, x) -> tuple[list, StepFactors]:
     for s in plan.synapses
   ]
 
-  def core(c_in, probes, d_in):
+  c_index = {o: i for i, o in enumerate(plan.core_outputs)}
+  c_probes = [jnp.zeros_like(c_leaves[i]) for i in plan.core] if c_index else []
+
+  def core(c_in, probes, d_in, c_at):
     leaves = list(p_leaves)
     for i, value in zip(plan.direct_params, d_in):
       leaves[i] = value
@@ -77,30 +84,41 @@ def step_factors(plan: Plan, params, carry, x) -> tuple[list, StepFactors]:
 
     def rule(op, values):
       s = plan.synapse_of(op)
-      if s is None:
+      if s is not None:
+        k = 1 - plan.synapses[s].kernel_operand
+        values = list(values)
+        values[k] = jax.lax.stop_gradient(values[k])
+        pres[s] = values[k]
+        (out,) = _jaxpr.bind(op, values)
+        outs = [out + probes[s]]
+      elif any(o in c_index for o in op.outs):
+        outs = _jaxpr.bind(op, values)
+      else:
         return None
-      k = 1 - plan.synapses[s].kernel_operand
-      values = list(values)
-      values[k] = jax.lax.stop_gradient(values[k])
-      pres[s] = values[k]
-      (out,) = _jaxpr.bind(op, values)
-      return [out + probes[s]]
+      return [
+        out + c_at[c_index[o]] if o in c_index else out
+        for o, out in zip(op.outs, outs)
+      ]
 
     outs = _jaxpr.evaluate(plan.program, [*leaves, *c_in, *x_leaves], rule)
     return outs, pres
 
-  primals = (c_leaves, deltas, direct)
+  primals = (c_leaves, deltas, direct, c_probes)
   outs, linear, pres = jax.linearize(core, *primals, has_aux=True)
   lanes = _lanes(primals)
   tangents = jax.vmap(linear)(*lanes)  # each leaf (L, *batch, features)
   rows = jnp.moveaxis(jnp.stack(tangents, axis=1), (0, 1), (-2, -3))
   # rows: (*batch, K + R, L, features)
-  k, s = plan.num_carry, len(plan.synapses)
+  k, s, p = plan.num_carry, len(plan.synapses), len(direct)
+  derived = None
+  if c_probes:
+    derived = rows[..., jnp.array(plan.derived), k + s + p :, :]
   factors = StepFactors(
     carry=rows[..., :k, :],
     post=tuple(rows[..., k + i, :] for i in range(s)),
     pre=tuple(_pre(plan, i, u) for i, u in enumerate(pres)),
-    direct=tuple(rows[..., k + s + i, :] for i in range(len(direct))),
+    direct=tuple(rows[..., k + s + i, :] for i in range(p)),
+    derived=derived,
   )
   return outs, factors
 

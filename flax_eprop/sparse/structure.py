@@ -70,6 +70,13 @@ class Plan:
     direct_params: indices of parameter leaves entering the dynamics
       elementwise (each of shape ``()`` or ``(features,)``).
     kernel_params: indices of parameter leaves used only through kernels.
+    core: carry leaves that need eligibility traces of their own.
+    derived: carry leaves that are a function of the core leaves' NEW values
+      (and the input) in the same step, like the spike ``z_t = H(v_t -
+      A_t)``: their traces are ``C_t`` times the core traces, with ``C_t``
+      the per-neuron derivative (DESIGN.md, "Derived components").
+    core_outputs: the program ids of the core leaves' new values (where the
+      numbers pass probes ``C_t``); empty when nothing is derived.
   """
 
   program: Program
@@ -84,6 +91,9 @@ class Plan:
   synapses: tuple[Synapse, ...]
   direct_params: tuple[int, ...]
   kernel_params: tuple[int, ...]
+  core: tuple[int, ...]
+  derived: tuple[int, ...]
+  core_outputs: tuple[int, ...]
 
   def synapse_of(self, op: Op) -> int | None:
     for i, s in enumerate(self.synapses):
@@ -132,6 +142,7 @@ def make_plan(step: Callable, params, carry, x) -> Plan:
         'neuron dynamics outside a synapse; expected shape () or '
         f'({features},) (one value per neuron). {HINT}'
       )
+  core, derived = _derived_leaves(program, n_p, n_c)
   return Plan(
     program=program,
     param_def=p_def,
@@ -145,7 +156,56 @@ def make_plan(step: Callable, params, carry, x) -> Plan:
     synapses=tuple(walk.synapses),
     direct_params=tuple(sorted(direct)),
     kernel_params=tuple(sorted(walk.kernel)),
+    core=core,
+    derived=derived,
+    core_outputs=tuple(program.outvars[i] for i in core) if derived else (),
   )
+
+
+def _derived_leaves(program: Program, n_p: int, n_c: int):
+  """Splits the carry leaves into (core, derived); see `Plan`.
+
+  A new-carry leaf is derived when its computation, cut at the new values of
+  the other (core) leaves, reads no previous carry and no parameter. The
+  split is only used when no core leaf's new value reads another's (then the
+  probes at the core values give partial derivatives).
+  """
+  producer = {o: op for op in program.ops for o in op.outs}
+  roots = set(program.invars[: n_p + n_c])  # params and previous carry
+  # The new value of each carry leaf, None unless an op computes it.
+  outs = [
+    o if not isinstance(o, Const) and o in producer else None
+    for o in program.outvars[:n_c]
+  ]
+
+  def reads(start, stops):
+    """Ids reached backwards from ``start`` without passing ``stops``."""
+    seen, todo = set(), [start]
+    while todo:
+      i = todo.pop()
+      if isinstance(i, Const) or i in seen:
+        continue
+      seen.add(i)
+      if i not in stops and i in producer:
+        todo.extend(producer[i].ins)
+    return seen
+
+  core = list(range(n_c))
+  for i, o in enumerate(outs):
+    if o is None or outs.count(o) > 1:
+      continue
+    stops = {outs[j] for j in core if j != i and outs[j] is not None}
+    if stops and not (reads(o, stops) - stops) & roots:
+      core.remove(i)
+  core_ids = {outs[j] for j in core if outs[j] is not None}
+  if any(
+    reads(outs[j], set()) & (core_ids - {outs[j]})
+    for j in core
+    if outs[j] is not None
+  ):
+    return tuple(range(n_c)), ()
+  derived = tuple(i for i in range(n_c) if i not in core)
+  return tuple(core), derived
 
 
 def _check_carry(c_leaves):
