@@ -80,10 +80,14 @@ class OnlineGrad(nn.Module):
   ``mutable=['carry', 'eligibility']`` and the returned state must be fed to
   the next chunk. Reset them with `reset_state` between sequences.
 
-  Traces: ``(*batch, K, features, in)`` per synapse kernel and ``(*batch, K,
-  features)`` per per-neuron or scalar parameter (K carry leaves), keyed by
-  the parameter's path (``'input/kernel'``). They are stored in
-  ``trace_dtype`` (float32 by default, also with x64 enabled).
+  Traces: ``(*batch, K', features, in)`` per synapse kernel and ``(*batch,
+  K', features)`` per per-neuron or scalar parameter, keyed by the
+  parameter's path (``'input/kernel'``), where K' counts the carry leaves
+  that need a trace of their own: a leaf computed from the others' new
+  values in the same step (the spike ``z_t``) is derived from them with the
+  coefficients stored under ``'derived_coefficients'`` ``(*batch, K - K',
+  K', features)``. All are stored in ``trace_dtype`` (float32 by default,
+  also with x64 enabled).
 
   Firing-rate regularisation (Bellec et al. 2020): with ``target_rate`` set,
   each call adds ``rate_coefficient / 2 * sum_j (f_j - target_rate)^2`` to
