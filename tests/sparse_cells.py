@@ -20,6 +20,12 @@ RECURRENT = 'recurrent'
 sg = jax.lax.stop_gradient
 
 
+def zero_state(input_shape, features: int, leaves: int) -> tuple:
+  """``leaves`` zero carry leaves ``(*batch, features)`` for
+  ``initialize_carry(rng, input_shape)``."""
+  return (jnp.zeros((*input_shape[:-1], features)),) * leaves
+
+
 def _stop_recurrent_input(next_fun, args, kwargs, context):
   """Method interceptor: ``sg`` on the input of every ``recurrent`` synapse."""
   if context.module.name == RECURRENT and context.method_name == '__call__':
@@ -76,8 +82,7 @@ class CubaLIF(nn.RNNCellBase):
 
   @nn.nowrap
   def initialize_carry(self, rng, input_shape):
-    zeros = jnp.zeros((*input_shape[:-1], self.features))
-    return CubaState(zeros, zeros, zeros)
+    return CubaState(*zero_state(input_shape, self.features, 3))
 
   @property
   def num_feature_axes(self):
@@ -116,8 +121,7 @@ class TauLIF(nn.RNNCellBase):
 
   @nn.nowrap
   def initialize_carry(self, rng, input_shape):
-    zeros = jnp.zeros((*input_shape[:-1], self.features))
-    return TauState(zeros, zeros)
+    return TauState(*zero_state(input_shape, self.features, 2))
 
   @property
   def num_feature_axes(self):
@@ -155,8 +159,7 @@ class WhereLIF(nn.RNNCellBase):
 
   @nn.nowrap
   def initialize_carry(self, rng, input_shape):
-    zeros = jnp.zeros((*input_shape[:-1], self.features))
-    return TauState(zeros, zeros)
+    return TauState(*zero_state(input_shape, self.features, 2))
 
   @property
   def num_feature_axes(self):
@@ -195,8 +198,7 @@ class GaussALIF(nn.Module):
 
   @nn.nowrap
   def initialize_carry(self, rng, input_shape):
-    zeros = jnp.zeros((*input_shape[:-1], self.features))
-    return (zeros, zeros, zeros)
+    return zero_state(input_shape, self.features, 3)
 
 
 # (f) Compartments on a new (non-neuron) axis: stack, mix, split, reduce.
@@ -232,8 +234,7 @@ class TwoCompartmentLIF(nn.RNNCellBase):
 
   @nn.nowrap
   def initialize_carry(self, rng, input_shape):
-    zeros = jnp.zeros((*input_shape[:-1], self.features))
-    return TwoCompartmentState(zeros, zeros, zeros)
+    return TwoCompartmentState(*zero_state(input_shape, self.features, 3))
 
   @property
   def num_feature_axes(self):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import assert_trees_close
-from sparse_cells import setup
+from sparse_cells import setup, zero_state
 
 import flax_eprop as fe
 
@@ -46,8 +46,7 @@ class MeanLIF(nn.Module):
 
   @nn.nowrap
   def initialize_carry(self, rng, input_shape):
-    zeros = jnp.zeros((*input_shape[:-1], FEATURES))
-    return (zeros, zeros)
+    return zero_state(input_shape, FEATURES, 2)
 
 
 # Fixed lateral inhibition: a constant, not a parameter.
@@ -67,8 +66,7 @@ class LateralLIF(nn.Module):
 
   @nn.nowrap
   def initialize_carry(self, rng, input_shape):
-    zeros = jnp.zeros((*input_shape[:-1], FEATURES))
-    return (zeros, zeros)
+    return zero_state(input_shape, FEATURES, 2)
 
 
 @jax.custom_vjp
@@ -99,8 +97,7 @@ class VjpLIF(nn.Module):
 
   @nn.nowrap
   def initialize_carry(self, rng, input_shape):
-    zeros = jnp.zeros((*input_shape[:-1], FEATURES))
-    return (zeros, zeros)
+    return zero_state(input_shape, FEATURES, 2)
 
 
 @pytest.mark.parametrize(
