@@ -48,6 +48,10 @@ def _sequence_loss(apply_fn, loss_fn, params, state, xs, ys, mask):
   return loss, (aux, new_state)
 
 
+# Differentiates `_sequence_loss` w.r.t. its params argument.
+_loss_and_grad = jax.value_and_grad(_sequence_loss, argnums=2, has_aux=True)
+
+
 def _check(xs, ys, mask):
   if jnp.ndim(xs) < 3:
     raise ValueError(
@@ -132,32 +136,54 @@ def online_value_and_grad(
     `OnlineGrad` layer, the sum of its outputs: the spike count) and
     ``'penalty'`` (the firing-rate regularisation included in the loss).
   """
-  chunk = _check_chunk(chunk)
+  fold = _online_fold(
+    apply_fn, loss_fn, chunk, lambda g, total, p: (_add(total, g), p)
+  )
 
   def f(params, state, xs, ys, mask=None):
-    _check(xs, ys, mask)
-    full_mask = jnp.ones(jnp.shape(xs)[:2], bool) if mask is None else mask
-    grad_fn = jax.value_and_grad(_sequence_loss, argnums=2, has_aux=True)
-
-    def chunk_fn(carry, xs_c, ys_c, mask_c):
-      loss, aux, grads, state = carry
-      m = None if mask is None else mask_c
-      (chunk_loss, (a, state)), g = grad_fn(
-        apply_fn, loss_fn, params, state, xs_c, ys_c, m
-      )
-      return loss + chunk_loss, _add(aux, a), _add(grads, g), state
-
-    zero = _zero_carry(apply_fn, loss_fn, params, state, xs, ys, mask, chunk)
-    loss, aux, grads, state = _scan_chunks(
-      chunk_fn, zero, xs, ys, full_mask, chunk
-    )
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, aux), _, grads, state = fold(params, zeros, state, xs, ys, mask)
     return (loss, aux), grads, state
 
   return f
 
 
-def _zero_carry(apply_fn, loss_fn, params, state, xs, ys, mask, chunk):
-  """Zeros shaped like ``(loss, aux, grads, state)`` of one chunk."""
+def _online_fold(apply_fn, loss_fn, chunk, learn) -> Callable:
+  """The chunk loop shared by `online_value_and_grad` and `online_update`.
+
+  Returns ``f(params, learner, state, xs, ys, mask) -> ((loss, aux), params,
+  learner, state)``: one `jax.value_and_grad` per chunk, after which
+  ``learn(grads, learner, params) -> (learner, params)`` accumulates the
+  gradient or applies an optimizer step.
+  """
+  chunk = _check_chunk(chunk)
+
+  def f(params, learner, state, xs, ys, mask=None):
+    _check(xs, ys, mask)
+    full_mask = jnp.ones(jnp.shape(xs)[:2], bool) if mask is None else mask
+
+    def chunk_fn(carry, xs_c, ys_c, mask_c):
+      loss, aux, params, learner, state = carry
+      m = None if mask is None else mask_c
+      (chunk_loss, (a, state)), g = _loss_and_grad(
+        apply_fn, loss_fn, params, state, xs_c, ys_c, m
+      )
+      learner, params = learn(g, learner, params)
+      return loss + chunk_loss, _add(aux, a), params, learner, state
+
+    loss, aux = _zero_loss_aux(
+      apply_fn, loss_fn, params, state, xs, ys, mask, chunk
+    )
+    loss, aux, params, learner, state = _scan_chunks(
+      chunk_fn, (loss, aux, params, learner, state), xs, ys, full_mask, chunk
+    )
+    return (loss, aux), params, learner, state
+
+  return f
+
+
+def _zero_loss_aux(apply_fn, loss_fn, params, state, xs, ys, mask, chunk):
+  """Zeros shaped like the ``(loss, aux)`` of one chunk."""
   size = min(chunk, jnp.shape(xs)[1])
   m = None if mask is None else mask[:, :size]
   shapes = jax.eval_shape(
@@ -166,8 +192,7 @@ def _zero_carry(apply_fn, loss_fn, params, state, xs, ys, mask, chunk):
     params, state,
   )  # fmt: skip
   loss, (aux, _) = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  grads = jax.tree.map(jnp.zeros_like, params)
-  return loss, aux, grads, state
+  return loss, aux
 
 
 def bptt_value_and_grad(apply_fn: ApplyFn, loss_fn: LossFn) -> Callable:
@@ -182,9 +207,8 @@ def bptt_value_and_grad(apply_fn: ApplyFn, loss_fn: LossFn) -> Callable:
 
   def f(params, state, xs, ys, mask=None):
     _check(xs, ys, mask)
-    grad_fn = jax.value_and_grad(_sequence_loss, argnums=2, has_aux=True)
     with gradient_mode('bptt'):
-      (loss, (aux, state)), grads = grad_fn(
+      (loss, (aux, state)), grads = _loss_and_grad(
         apply_fn, loss_fn, params, state, xs, ys, mask
       )
     return (loss, aux), grads, state
@@ -207,31 +231,10 @@ def online_update(
     ``f(params, opt_state, state, xs, ys, mask=None) -> ((loss, aux),
     params, opt_state, state)``.
   """
-  chunk = _check_chunk(chunk)
 
-  def f(params, opt_state, state, xs, ys, mask=None):
-    _check(xs, ys, mask)
-    full_mask = jnp.ones(jnp.shape(xs)[:2], bool) if mask is None else mask
-    grad_fn = jax.value_and_grad(_sequence_loss, argnums=2, has_aux=True)
+  def learn(grads, opt_state, params):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    step = lambda p, u: (p + u).astype(p.dtype)
+    return opt_state, jax.tree.map(step, params, updates)
 
-    def chunk_fn(carry, xs_c, ys_c, mask_c):
-      loss, aux, params, opt_state, state = carry
-      m = None if mask is None else mask_c
-      (chunk_loss, (a, state)), g = grad_fn(
-        apply_fn, loss_fn, params, state, xs_c, ys_c, m
-      )
-      updates, opt_state = optimizer.update(g, opt_state, params)
-      params = jax.tree.map(
-        lambda p, u: (p + u).astype(p.dtype), params, updates
-      )
-      return loss + chunk_loss, _add(aux, a), params, opt_state, state
-
-    loss, aux, _, state = _zero_carry(
-      apply_fn, loss_fn, params, state, xs, ys, mask, chunk
-    )
-    loss, aux, params, opt_state, state = _scan_chunks(
-      chunk_fn, (loss, aux, params, opt_state, state), xs, ys, full_mask, chunk
-    )
-    return (loss, aux), params, opt_state, state
-
-  return f
+  return _online_fold(apply_fn, loss_fn, chunk, learn)
