@@ -21,7 +21,6 @@ cell with :func:`functools.partial`::
 A custom surrogate is any function ``x -> z`` written the same way.
 """
 
-import functools
 import math
 
 import jax
@@ -52,7 +51,28 @@ def heaviside(x: jax.Array) -> jax.Array:
   return (x > 0).astype(x.dtype)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _surrogate(pseudo_derivative):
+  """Makes a spike function: forward ``H(x)``, derivative
+  ``pseudo_derivative(x, slope)`` by `jax.custom_jvp`.
+
+  The decorated function supplies the name, signature (``(x, slope=...)``,
+  the slope a ``nondiff_argnums`` Python number) and docstring.
+  """
+
+  def wrap(fn):
+    spike = jax.custom_jvp(fn, nondiff_argnums=(1,))
+
+    @spike.defjvp
+    def _jvp(slope, primals, tangents):
+      (x,), (x_dot,) = primals, tangents
+      return heaviside(x), pseudo_derivative(x, slope) * x_dot
+
+    return spike  # custom_jvp keeps fn's name, signature and docstring
+
+  return wrap
+
+
+@_surrogate(lambda x, d: d * jnp.maximum(0.0, 1.0 - jnp.abs(x)))
 def triangle(x: jax.Array, dampening: float = 0.3) -> jax.Array:
   """Bellec's triangle surrogate (Bellec et al. 2020, the e-prop default).
 
@@ -79,14 +99,7 @@ def triangle(x: jax.Array, dampening: float = 0.3) -> jax.Array:
   return heaviside(x)
 
 
-@triangle.defjvp
-def _triangle_jvp(dampening, primals, tangents):
-  (x,), (x_dot,) = primals, tangents
-  sigma = dampening * jnp.maximum(0.0, 1.0 - jnp.abs(x))
-  return heaviside(x), sigma * x_dot
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+@_surrogate(lambda x, slope: 1.0 / jnp.square(slope * jnp.abs(x) + 1.0))
 def fast_sigmoid(x: jax.Array, slope: float = 10.0) -> jax.Array:
   """SuperSpike's fast-sigmoid surrogate (Zenke & Ganguli 2018).
 
@@ -111,14 +124,9 @@ def fast_sigmoid(x: jax.Array, slope: float = 10.0) -> jax.Array:
   return heaviside(x)
 
 
-@fast_sigmoid.defjvp
-def _fast_sigmoid_jvp(slope, primals, tangents):
-  (x,), (x_dot,) = primals, tangents
-  sigma = 1.0 / jnp.square(slope * jnp.abs(x) + 1.0)
-  return heaviside(x), sigma * x_dot
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+@_surrogate(
+  lambda x, alpha: (alpha / 2.0) / (1.0 + jnp.square(math.pi / 2.0 * alpha * x))
+)
 def arctan(x: jax.Array, alpha: float = 2.0) -> jax.Array:
   """Arctan surrogate (Fang et al. 2021, SpikingJelly's ``ATan``).
 
@@ -142,10 +150,3 @@ def arctan(x: jax.Array, alpha: float = 2.0) -> jax.Array:
     Array(1., dtype=float32)
   """
   return heaviside(x)
-
-
-@arctan.defjvp
-def _arctan_jvp(alpha, primals, tangents):
-  (x,), (x_dot,) = primals, tangents
-  sigma = (alpha / 2.0) / (1.0 + jnp.square(math.pi / 2.0 * alpha * x))
-  return heaviside(x), sigma * x_dot

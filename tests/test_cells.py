@@ -99,6 +99,47 @@ def test_li_golden(x64):
   assert vs == [1.0, 1.5, 1.75]
 
 
+def test_li_bellec_golden(x64):
+  # y_t = kappa y_{t-1} + W x_t + b: kappa = 0.5, W = 1, b = 0.25, x = 2.
+  cell = fe.LI(
+    1, tau_mem=HALF_LIFE, use_bias=True, form='bellec', param_dtype=jnp.float64
+  )
+  carry = cell.initialize_carry(None, (1, 1))
+  params = unit_input_params()
+  params['params']['input']['bias'] = jnp.full((1,), 0.25, jnp.float64)
+  vs = []
+  for _ in range(3):
+    carry, y = cell.apply(params, carry, jnp.full((1, 1), 2.0))
+    assert y is carry.v
+    vs.append(float(y[0, 0]))
+  assert vs == [2.25, 3.375, 3.9375]
+  # the scaled form on the same input: 0.5 * (2 + 0.25) per step
+  scaled = fe.LI(1, tau_mem=HALF_LIFE, use_bias=True, param_dtype=jnp.float64)
+  carry = scaled.initialize_carry(None, (1, 1))
+  carry, y = scaled.apply(params, carry, jnp.full((1, 1), 2.0))
+  assert float(y[0, 0]) == 1.125
+
+
+def test_li_forms_match_with_dt_in_ms(x64, key):
+  """Over a sequence, at dt = 10 ms and tau = 20 ms (kappa = exp(-0.5)): the
+  hand-written recursions of both forms."""
+  xs = jax.random.bernoulli(key, 0.3, (4, 2, 5)).astype(jnp.float64)
+  kappa = math.exp(-10.0 / 20.0)
+  for form, scale in (('scaled', 1 - kappa), ('bellec', 1.0)):
+    cell = fe.LI(3, tau_mem=20.0, dt=10.0, use_bias=True, form=form,
+                 bias_init=nn.initializers.normal(1.0),
+                 param_dtype=jnp.float64)  # fmt: skip
+    carry = cell.initialize_carry(None, xs.shape[1:])
+    params = cell.init(jax.random.key(1), carry, xs[0])
+    w = params['params']['input']['kernel']
+    b = params['params']['input']['bias']
+    v, expected = jnp.zeros((2, 3)), []
+    for x in xs:
+      v = kappa * v + scale * (x @ w + b[None])
+      expected.append(v)
+    assert_trees_close(run_steps(cell, params, xs).v, jnp.stack(expected))
+
+
 # Surrogate derivative and reset paths, by forward mode through one step.
 
 
@@ -222,7 +263,14 @@ def test_recurrent_diagonal_is_masked(x64):
 # Sequences through nn.RNN, and BPTT gradients.
 
 
-@pytest.mark.parametrize('make_cell', [fe.LIF, fe.ALIF, fe.LI])
+@pytest.mark.parametrize(
+  'make_cell',
+  [
+    fe.LIF,
+    pytest.param(fe.ALIF, marks=pytest.mark.slow),
+    pytest.param(fe.LI, marks=pytest.mark.slow),
+  ],
+)
 def test_rnn_batch_major_and_time_major(key, make_cell):
   cell = make_cell(6)
   xs = jax.random.normal(key, (3, 12, 4)) * 3.0  # (batch, time, in)
@@ -266,8 +314,14 @@ class SpikingNet(nn.Module):
   'spike_fn',
   [
     fe.surrogates.triangle,
-    functools.partial(fe.surrogates.fast_sigmoid, slope=5.0),
-    functools.partial(fe.surrogates.arctan, alpha=3.0),
+    pytest.param(
+      functools.partial(fe.surrogates.fast_sigmoid, slope=5.0),
+      marks=pytest.mark.slow,
+    ),
+    pytest.param(
+      functools.partial(fe.surrogates.arctan, alpha=3.0),
+      marks=pytest.mark.slow,
+    ),
   ],
   ids=['triangle', 'fast_sigmoid', 'arctan'],
 )
@@ -322,6 +376,7 @@ def test_float64_end_to_end(x64, key):
     (lambda: fe.LIF(4, refractory=-1), 'refractory', '-1'),
     (lambda: fe.LIF(4, refractory=1.5), 'refractory', '1.5'),
     (lambda: fe.LIF(4, reset='hard'), 'reset', "'hard'"),
+    (lambda: fe.LI(4, form='unscaled'), 'form', "'unscaled'"),
     (lambda: fe.LIF(0), 'features', '0'),
   ],
 )
@@ -427,3 +482,43 @@ def test_step_is_elementwise_around_matmuls(cell):
   assert not any(name.startswith(('reduce', 'argm', 'cum')) for name in names)
   spiking = not isinstance(cell, fe.LI)
   assert ('custom_jvp_call' in names) == spiking
+
+
+# The unscaled (Bellec) readout under OnlineGrad: e-prop is exact for it.
+
+
+@pytest.mark.slow
+def test_li_bellec_online_gradient_equals_bptt(x64, key):
+  cell = fe.LI(
+    3,
+    tau_mem=20.0,
+    dt=10.0,
+    use_bias=True,
+    form='bellec',
+    learn_tau_mem=True,  # kernel, bias and tau_mem all get gradients
+    param_dtype=jnp.float64,
+  )
+  k_x, k_y, k_p = jax.random.split(key, 3)
+  xs = jax.random.bernoulli(k_x, 0.3, (2, 9, 4)).astype(jnp.float64)
+  labels = jax.random.randint(k_y, (2, 9), 0, 3)
+  assert xs.sum() > 0
+  layer = fe.OnlineGrad(cell, trace_dtype=jnp.float64)
+  variables = layer.init(k_p, xs)
+  params = variables.pop('params')
+
+  def step_loss(y, label):
+    return -jax.nn.log_softmax(y)[label]
+
+  online = fe.online_value_and_grad(layer.apply, step_loss, chunk=4)
+  (loss, _), grads, _ = online(params, variables, xs, labels)
+
+  def bptt(params):  # jax.grad through nn.RNN: the independent reference
+    ys = nn.RNN(cell).apply({'params': params}, xs)  # same params tree
+    per_step = jax.vmap(jax.vmap(step_loss))(ys, labels)
+    return jnp.sum(per_step) / xs.shape[0]
+
+  want_loss, want = jax.value_and_grad(bptt)(params)
+  assert_trees_close(loss, want_loss, rtol=1e-10)
+  assert_trees_close(grads, want, rtol=1e-10, atol=1e-12)
+  for leaf in jax.tree.leaves(want):
+    assert np.all(np.asarray(leaf) != 0)

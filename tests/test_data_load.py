@@ -154,3 +154,28 @@ def test_load_downloads_through_the_opener(tmp_path):
   root = tmp_path / 'root'
   ds = data.load('ssc', 'test', data_dir=root, urlopen=urlopen, progress=False)
   assert ds.num_rows == 3 and (root / 'ssc_test.h5').is_file()
+
+
+def test_dt_ms_is_dt_in_milliseconds(tmp_path):
+  path = _spike_file(tmp_path / 'x.h5')
+  kwargs = dict(max_time=0.05, cache_dir=tmp_path / 'c', progress=False)
+  by_s = data.from_hdf5(path, dt=0.01, **kwargs)
+  by_ms = data.from_hdf5(path, dt_ms=10.0, **kwargs)
+  assert by_ms.cache_files == by_s.cache_files  # the same binning, cached once
+  default = data.from_hdf5(path, **kwargs)  # 10 ms when neither is given
+  assert default.cache_files == by_s.cache_files
+  coarse = data.from_hdf5(path, dt_ms=25.0, **kwargs)
+  assert coarse.features['x'].shape == (2, 700)
+  with pytest.raises(ValueError, match='dt .seconds. or dt_ms'):
+    data.from_hdf5(path, dt=0.01, dt_ms=10.0, **kwargs)
+  with pytest.raises(ValueError, match='dt_ms must be a positive'):
+    data.from_hdf5(path, dt_ms=0.0, **kwargs)
+
+
+def test_load_takes_dt_ms(tmp_path):
+  ds = data.load('synthetic-shd', 'test', num_samples=2, dt_ms=20.0, pool=10,
+                 data_dir=tmp_path, progress=False)  # fmt: skip
+  assert ds.features['x'].shape == (50, 70)
+  with pytest.raises(ValueError, match='not both'):
+    data.load('synthetic-shd', 'test', num_samples=2, dt=0.02, dt_ms=20.0,
+              data_dir=tmp_path, progress=False)  # fmt: skip

@@ -9,6 +9,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_readme_example_runs_and_loss_falls():
   readme = (ROOT / 'README.md').read_text()
   blocks = re.findall(r'```python\n(.*?)```', readme, re.DOTALL)

@@ -7,6 +7,7 @@ expected value and the fix.
 import functools
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -84,7 +85,7 @@ def test_batch_shape_differs_from_state(shape, batch):
   layer, variables = layer_and_variables()
   match = (
     rf"OnlineGrad 'lower': the input batch shape {batch} differs from the "
-    r'stored state batch shape \(2,\).*init'
+    r'stored state batch shape \(2,\).*fe.rest_state'
   )
   with pytest.raises(ValueError, match=match):
     layer.apply(variables, jnp.ones(shape), mutable=MUTABLE)
@@ -115,7 +116,18 @@ def test_stored_traces_do_not_fit():
   state[fe.ELIGIBILITY] = jax.tree.map(
     lambda t: t[..., :2], state[fe.ELIGIBILITY]
   )
-  with pytest.raises(ValueError, match="stored 'eligibility' traces.*reset"):
+  match = (
+    r"OnlineGrad 'lower': the stored 'eligibility' traces do not fit.*"
+    r"Expected \['derived'\]: \(2, 1, 1, 4\), \['presynaptic'\]\['input/kernel'\]"
+    r": \(2, 1, 3\), got \['derived'\]: \(2, 1, 1, 2\).*fe.rest_state"
+  )
+  with pytest.raises(fe.online.engine.StateError, match=match):
+    layer.apply({**params, **state}, XS, mutable=MUTABLE)
+  # a layout from another cell (here: the traces of an RTRL layer)
+  state[fe.ELIGIBILITY] = {'rtrl': jnp.zeros((2, 8, 19))}
+  with pytest.raises(
+    fe.online.engine.StateError, match=r"got \['rtrl'\]: \(2, 8, 19\)"
+  ):
     layer.apply({**params, **state}, XS, mutable=MUTABLE)
 
 
@@ -204,3 +216,61 @@ def test_state_missing_in_training():
   f = fe.online_value_and_grad(layer.apply, squared_error, chunk=2)
   with pytest.raises(ValueError, match="'lower': no 'carry' collection"):
     f(variables['params'], {}, XS, YS)
+
+
+def test_input_without_time_axis():
+  layer, variables = layer_and_variables()
+  match = (
+    r"OnlineGrad 'lower': the inputs of shape \(2, 3\) have no time axis.*"
+    r'\(\*batch, time, in_features\)'
+  )
+  with pytest.raises(ValueError, match=match):
+    layer.apply(variables, jnp.ones((2, 3)), mutable=MUTABLE)
+
+
+def test_seq_lengths_is_checked():
+  # seq_lengths (nn.RNN's keyword) is the mask arange(time) < seq_lengths
+  layer, variables = layer_and_variables()
+  with pytest.raises(ValueError, match=r"'lower': seq_lengths must be an int"):
+    layer.apply(
+      variables, XS, seq_lengths=jnp.array([5.0, 3.0]), mutable=MUTABLE
+    )
+  with pytest.raises(ValueError, match=r"'lower': seq_lengths must be an int"):
+    layer.apply(variables, XS, seq_lengths=jnp.array([5]), mutable=MUTABLE)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.int32])
+def test_mask_must_be_bool(dtype):
+  layer, variables = layer_and_variables()
+  mask = jnp.ones((2, 5), dtype)
+  match = rf"'lower': mask must be a bool array.*got dtype {jnp.dtype(dtype)}"
+  with pytest.raises(TypeError, match=match):
+    layer.apply(variables, XS, mask=mask, mutable=MUTABLE)
+  f = training_functions()['online']
+  with pytest.raises(TypeError, match='mask: expected a bool array'):
+    f(XS, YS, mask)
+
+
+def test_unnamed_layer_is_named_by_its_cell():
+  layer = fe.OnlineGrad(fe.LIF(4))
+  with pytest.raises(ValueError, match=r'^OnlineGrad\(LIF\): mask must'):
+    layer.init(jax.random.key(0), XS, mask=jnp.ones((2, 4), bool))
+
+
+class UnevenCarry(fe.LIF):
+  """A cell whose carry leaves differ in shape (the input is fine)."""
+
+  @nn.nowrap
+  def initialize_carry(self, rng, input_shape):
+    state = super().initialize_carry(rng, input_shape)
+    return state._replace(z=state.z[..., :2])
+
+
+def test_cell_error_is_not_blamed_on_the_input():
+  layer = fe.OnlineGrad(UnevenCarry(4))
+  with pytest.raises(ValueError) as info:
+    layer.init(jax.random.key(0), XS)
+  message = str(info.value)
+  assert message.startswith('OnlineGrad(UnevenCarry): its cell UnevenCarry')
+  assert 'rejected' not in message and 'None' not in message
+  assert 'z' in message  # the cell's own message names the bad leaf

@@ -112,6 +112,7 @@ def test_eprop_rejects_what_exact_accepts(key, x64):
     layer.init(key, xs)
 
 
+@pytest.mark.slow  # the chunk loop is shared: test_chunk_invariance is fast
 def test_exact_mode_is_chunk_invariant(key, x64):
   xs, labels, online, params, state = setup(key, alif, time=20)
   grad = jax.grad(loss_of, argnums=1, has_aux=True)
@@ -124,6 +125,7 @@ def test_exact_mode_is_chunk_invariant(key, x64):
   assert_trees_close(current, end_whole, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_exact_mode_padding_changes_nothing(key, x64):
   xs, labels, online, params, state = setup(key, alif, batch=1)
   pad = jnp.zeros((1, 4, 4), F64)
@@ -140,3 +142,31 @@ def test_exact_mode_padding_changes_nothing(key, x64):
 def test_bad_mode_is_rejected(key):
   with pytest.raises(ValueError, match="mode must be 'eprop' or 'exact'"):
     fe.OnlineGrad(fe.LIF(3), mode='rtrl').init(key, jnp.ones((2, 3, 4)))
+
+
+class CosCell(nn.Module):
+  """A cell with one ``cos`` per step: counts how often a step is run."""
+
+  features: int = 3
+
+  @nn.compact
+  def __call__(self, carry, x):
+    v, z = carry
+    v = 0.9 * v + nn.Dense(self.features, name='input')(x) + 0.1 * jnp.cos(v)
+    v = v - jax.lax.stop_gradient(z)
+    z = fe.surrogates.triangle(v - 1.0)
+    return (v, z), z
+
+  @nn.nowrap
+  def initialize_carry(self, rng, input_shape):
+    zeros = jnp.zeros(input_shape[:-1] + (self.features,))
+    return zeros, zeros
+
+
+def test_exact_mode_runs_each_step_once(key):
+  layer = fe.OnlineGrad(CosCell(), mode='exact')
+  xs = jnp.ones((2, 4, 3))
+  variables = layer.init(key, xs)
+  apply = lambda v: layer.apply(v, xs, mutable=STATE)
+  jaxpr = str(jax.make_jaxpr(apply)(variables))
+  assert jaxpr.count(' cos ') == 1, jaxpr

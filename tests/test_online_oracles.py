@@ -135,7 +135,9 @@ def test_params_values_are_nn_rnn_s(key):
 # Oracle 1: a non-recurrent layer, memoryless readout: online == BPTT.
 
 
-@pytest.mark.parametrize('chunk', [1, 5, TIME])
+@pytest.mark.parametrize(
+  'chunk', [pytest.param(1, marks=pytest.mark.slow), 5, TIME]
+)
 def test_oracle1_lif_float64(x64, chunk):
   online, reference = models((lif(F64),), F64)
   check_against(online_fn(online, chunk), online, reference_fn(reference))
@@ -171,7 +173,7 @@ def test_oracle2_alif_equals_stop_gradient_bptt(x64):
   assert_trees_close(bptt_grads, full_grads)
 
 
-@pytest.mark.parametrize('chunk', [1, 5])
+@pytest.mark.parametrize('chunk', [pytest.param(1, marks=pytest.mark.slow), 5])
 def test_oracle2_alif_equals_bellec_eprop(x64, chunk):
   online, _ = models((alif(F64),), F64)
   f = online_fn(online, chunk)
@@ -203,6 +205,7 @@ def test_oracle2_alif_equals_bellec_eprop(x64, chunk):
     assert_trees_close(grads, expected)
 
 
+@pytest.mark.slow  # float32: test_oracle1_lif_float32 is the fast one
 def test_oracle2_alif_float32():
   online, reference = models((alif(F32),), F32, (alif_sg(F32),))
   with jax.default_matmul_precision('highest'):
@@ -231,7 +234,12 @@ CUSTOM_INPUT_SCALE = {'cuba': 0.3, 'tau': 1.0, 'alif_tau': 1.0}
 
 
 @pytest.mark.parametrize(
-  'name', ['cuba', 'tau', pytest.param('alif_tau', marks=pytest.mark.slow)]
+  'name',
+  [
+    'cuba',
+    pytest.param('tau', marks=pytest.mark.slow),
+    pytest.param('alif_tau', marks=pytest.mark.slow),
+  ],
 )
 def test_custom_cell_equals_stop_gradient_bptt(x64, name):
   online, reference = models((CUSTOM[name],), F64)
@@ -255,6 +263,7 @@ def test_custom_cell_equals_stop_gradient_bptt(x64, name):
 # Stacking: the lower layer's learning signal is the instantaneous one.
 
 
+@pytest.mark.slow
 def test_stacked_lower_layer_gets_instantaneous_signal(x64):
   model = stacked(F64)
   f = online_fn(model, 5)

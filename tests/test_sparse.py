@@ -153,9 +153,12 @@ def test_eprop_drops_recurrent_path_exact_keeps_it(x64, key, cell, self_loops):
   # W_rec[n, n] is a synapse too, so e-prop drops it.
   local_eprop = [jnp.where(eye, d, 0.0) for d in eprop_dense]
   local_exact = [jnp.where(eye, d, 0.0) for d in exact_dense]
-  if self_loops:
-    with pytest.raises(AssertionError):
-      assert_trees_close(local_eprop, local_exact)
+  if self_loops:  # same layout, and the diagonals differ by more than noise
+    assert jax.tree.structure(local_eprop) == jax.tree.structure(local_exact)
+    gap = max(
+      float(jnp.max(jnp.abs(a - b))) for a, b in zip(local_eprop, local_exact)
+    )
+    assert gap > 1e-3, f'e-prop kept the self-loop path (gap {gap:.1e})'
   else:
     assert_trees_close(local_eprop, local_exact)
 
@@ -163,9 +166,14 @@ def test_eprop_drops_recurrent_path_exact_keeps_it(x64, key, cell, self_loops):
 def test_eprop_equals_exact_without_recurrence(x64, key):
   cell = fe.ALIF(FEATURES, recurrent=False)
   params, carry, x = setup(cell, key, (3, IN))
-  eprop = sparse_jacfwd(cell.apply)(params, carry, x)
-  exact = sparse_jacfwd(cell.apply, mode='exact')(params, carry, x)
-  eprop, exact = [j.todense() for j in eprop], [j.todense() for j in exact]
+
+  @jax.jit
+  def both(params, carry, x):
+    eprop = sparse_jacfwd(cell.apply)(params, carry, x)
+    exact = sparse_jacfwd(cell.apply, mode='exact')(params, carry, x)
+    return [j.todense() for j in eprop], [j.todense() for j in exact]
+
+  eprop, exact = both(params, carry, x)
   assert is_nonzero([jac[1] for jac in exact])
   assert_trees_close(eprop, exact)
 
@@ -273,8 +281,7 @@ PROPERTY_CELLS = {
 }
 
 
-@hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
-@hypothesis.given(
+SHAPES = dict(
   name=st.sampled_from(sorted(PROPERTY_CELLS)),
   features=st.integers(1, 6),
   in_features=st.integers(1, 5),
@@ -282,7 +289,25 @@ PROPERTY_CELLS = {
   seed=st.integers(0, 2**31 - 1),
   mode=st.sampled_from(['eprop', 'exact']),
 )
+
+
+@pytest.mark.slow
+@hypothesis.settings(max_examples=3, deadline=None, derandomize=True)
+@hypothesis.given(**SHAPES)
 def test_property_random_shapes(name, features, in_features, batch, seed, mode):
+  check_random_shapes(name, features, in_features, batch, seed, mode)
+
+
+@pytest.mark.slow
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(**SHAPES)
+def test_property_random_shapes_many(
+  name, features, in_features, batch, seed, mode
+):
+  check_random_shapes(name, features, in_features, batch, seed, mode)
+
+
+def check_random_shapes(name, features, in_features, batch, seed, mode):
   cell = PROPERTY_CELLS[name](features)
   with jax.enable_x64(True):
     key = jax.random.key(seed)

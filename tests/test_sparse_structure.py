@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 import flax_eprop as fe
-from flax_eprop.sparse import make_plan
+from flax_eprop.sparse.structure import make_plan
 
 
 def plan_of(cell, batch=(2,), n_in=3):
@@ -77,9 +77,14 @@ def test_nothing_derived_when_not_a_pure_function_of_core_leaves(cell):
 
 def test_stored_traces_have_only_core_rows(key):
   layer = fe.OnlineGrad(fe.ALIF(5))
-  traces = layer.init(key, jnp.ones((2, 4, 3)))['eligibility']['traces']
+  traces = layer.init(key, jnp.ones((2, 4, 3)))['eligibility']
   assert jax.tree.map(jnp.shape, traces) == {
-    'input/kernel': (2, 2, 5, 3),  # (batch, K' = 2 (v, a), features, in)
-    'recurrent/kernel': (2, 2, 5, 5),
-    'derived_coefficients': (2, 1, 2, 5),  # dz/d(v, a): (batch, Kd, K', F)
+    # K' = 2 core rows (v, a): v is presynaptic (batch, 1, in), a keeps a
+    # per-synapse trace (batch, 1, in, features)
+    'synapses': {
+      'input/kernel': (2, 1, 3, 5),
+      'recurrent/kernel': (2, 1, 5, 5),
+    },
+    'presynaptic': {'input/kernel': (2, 1, 3), 'recurrent/kernel': (2, 1, 5)},
+    'derived': (2, 1, 2, 5),  # dz/d(v, a): (batch, Kd, K', F)
   }

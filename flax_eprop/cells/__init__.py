@@ -11,6 +11,9 @@ DESIGN.md section 2 (``sg`` = ``jax.lax.stop_gradient``)::
   A_t   = threshold + beta * a_t                  # LIF: A_t = threshold
   z_t   = spike_fn((v_t - A_t) / threshold)
 
+Times are in milliseconds: ``dt`` (default 1) and every time constant.
+(:mod:`flax_eprop.data` bins in seconds; its ``dt_ms`` takes the cells' ``dt``.)
+
 Steps are plain elementwise ``jnp`` code around two matmuls: no Python
 control flow on array values, no random numbers, no reductions over the
 neuron axis. The e-prop transform reads the step's jaxpr and relies on it.

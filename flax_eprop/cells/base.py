@@ -61,7 +61,10 @@ class SpikingCell(nn.RNNCellBase):
   Attributes:
     features: number of neurons.
     use_bias: add a bias ``b: (features,)`` to the input current.
-    dt: time step (ms).
+    dt: time step in milliseconds (default 1), the unit of every time
+      constant (``tau_mem``, ``tau_adapt``). Binned data from
+      :mod:`flax_eprop.data` (seconds) matches with ``data.load(...,
+      dt_ms=dt)``.
     kernel_init: initializer of ``input/kernel: (in_features, features)``.
     recurrent_kernel_init: initializer of ``recurrent/kernel``.
     bias_init: initializer of ``input/bias``.
@@ -246,11 +249,11 @@ class SpikingCell(nn.RNNCellBase):
     return current + recurrent(z)
 
   def decay(self, name: str, tau: float, learnable: bool, like: Array):
-    """Decay factor ``exp(-dt / tau)``.
+    """Decay factor ``exp(-dt / tau)`` (``dt`` and ``tau`` in ms).
 
     Args:
       name: parameter name, used when ``learnable``.
-      tau: the time constant, or the initial value of the parameter
+      tau: the time constant (ms), or the initial value of the parameter
         ``name: (features,)`` when ``learnable``.
       learnable: make ``tau`` a per-neuron parameter.
       like: (*batch, features) array whose shape and dtype to match.

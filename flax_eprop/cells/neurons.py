@@ -220,10 +220,20 @@ class ALIF(LIF):
 class LI(SpikingCell):
   """Leaky integrator (non-spiking), e.g. a readout; one time step.
 
-  With ``kappa = exp(-dt / tau_mem)``::
+  With ``kappa = exp(-dt / tau_mem)``, two forms (``form``)::
 
-    v_t = kappa * v_{t-1} + (1 - kappa) * (x_t @ W_in (+ b))
+    'scaled' (default):  v_t = kappa * v_{t-1} + (1 - kappa) * (x_t @ W_in (+ b))
+    'bellec':            v_t = kappa * v_{t-1} + x_t @ W_in (+ b)
     y_t = v_t
+
+  ``'scaled'`` is a low-pass filter of ``x @ W_in + b`` (gain 1 for a
+  constant input): input and bias are multiplied by ``1 - kappa`` (0.39 at
+  ``dt = 10``, ``tau_mem = 20``; 0.05 at ``dt = 1``), so its weights see
+  ``1 - kappa`` of the gradient and need a larger init or learning rate to
+  learn at the usual rate. ``'bellec'`` is the readout of Bellec et al.
+  (2020), ``y_t = kappa y_{t-1} + W z_t + b``: unscaled input and bias (the
+  bias accumulates to ``b / (1 - kappa)`` over time), so a leaky readout
+  learns like a ``Dense`` one. The parameters are the same in both forms.
 
   Parameters: ``input/kernel: (in_features, features)``, ``input/bias`` if
   ``use_bias``, ``tau_mem: (features,)`` if ``learn_tau_mem``.
@@ -232,11 +242,12 @@ class LI(SpikingCell):
     tau_mem: time constant (ms; default 20), or the initial value when
       ``learn_tau_mem``.
     learn_tau_mem: make ``tau_mem`` a per-neuron parameter.
+    form: ``'scaled'`` (default) or ``'bellec'``, as above.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> import flax_eprop as fe
-    >>> readout = nn.RNN(fe.LI(2, use_bias=True))
+    >>> readout = nn.RNN(fe.LI(2, use_bias=True, form='bellec'))
     >>> zs = jnp.zeros((3, 7, 16))
     >>> params = readout.init(jax.random.key(0), zs)
     >>> readout.apply(params, zs).shape
@@ -247,12 +258,18 @@ class LI(SpikingCell):
 
   tau_mem: float = 20.0
   learn_tau_mem: bool = False
+  form: Literal['scaled', 'bellec'] = 'scaled'
 
   def validate(self) -> None:
     super().validate()
     self.check_positive('tau_mem')
+    if self.form not in ('scaled', 'bellec'):
+      _fail(self, 'form', self.form, "'scaled' or 'bellec'")
 
   def step(self, state: LIState, x: Array) -> tuple[LIState, Array]:
     kappa = self.decay('tau_mem', self.tau_mem, self.learn_tau_mem, state.v)
-    v = kappa * state.v + (1 - kappa) * self.synaptic_input(x)
+    current = self.synaptic_input(x)
+    if self.form == 'scaled':
+      current = (1 - kappa) * current
+    v = kappa * state.v + current
     return LIState(v), v

@@ -5,17 +5,24 @@ The order of epoch ``e`` is ``np.random.default_rng([seed, e]).permutation(n)``
 so the whole state is a small dict of ints, ``{'seed', 'epoch', 'cursor',
 'num_examples'}``, that can be saved as JSON next to a checkpoint and resumed
 to the identical sequence of batches. (A shuffle buffer cannot resume exactly.)
+
+A ``transform(batch, rng)`` (augmentation, e.g. :class:`Augment`) gets a
+generator seeded from ``(seed, epoch, cursor)`` at the batch's start, so the
+transformed batches resume exactly too; no generator state is kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 from flax_eprop.data._deps import require
 
 _STATE_KEYS = ('seed', 'epoch', 'cursor', 'num_examples')
+_TRANSFORM_STREAM = 0x7A  # keeps transform draws apart from the permutations
+
+Transform = Callable[[dict, np.random.Generator], dict]
 
 
 class BatchIterator:
@@ -34,10 +41,18 @@ class BatchIterator:
       has B examples; otherwise the last batch of an epoch is smaller.
     columns: the columns to yield.
     state: a dict from :meth:`state_dict` to resume from.
+    dtype: if given, ``x`` is cast to it (e.g. ``np.float32``: the cells
+      need floating inputs, the counts are stored as uint8), before the
+      transform.
+    transform: ``transform(batch, rng) -> batch`` applied to every batch
+      (after the cast), e.g. :class:`Augment`; ``rng`` is a fresh
+      ``np.random.Generator`` seeded from ``(seed, epoch, cursor)`` at the
+      batch's start, so a resumed iterator yields the same transformed
+      batches. It must not keep random state of its own.
 
   Yields:
-    Dicts of numpy arrays, by default ``x: (B, T, C)`` uint8 (or bool),
-    ``y: (B,)`` int32 and ``mask: (B, T)`` bool.
+    Dicts of numpy arrays, by default ``x: (B, T, C)`` uint8 (or bool, or
+    ``dtype``), ``y: (B,)`` int32 and ``mask: (B, T)`` bool.
 
   Examples:
     >>> import datasets, numpy as np
@@ -63,6 +78,8 @@ class BatchIterator:
     drop_remainder: bool = False,
     columns: Sequence[str] = ('x', 'y', 'mask'),
     state: dict | None = None,
+    dtype=None,
+    transform: Transform | None = None,
   ):
     n = len(dataset)
     if batch_size < 1 or (drop_remainder and batch_size > n):
@@ -81,6 +98,15 @@ class BatchIterator:
     self._table = dataset.with_format('arrow')
     self._n, self.seed, self.epoch, self.cursor = n, int(seed), 0, 0
     self._order_epoch, self._order = None, None
+    if transform is not None and not callable(transform):
+      raise TypeError(
+        f'transform must be callable as transform(batch, rng), got '
+        f'{transform!r}.'
+      )
+    if dtype is not None and 'x' not in self.columns:
+      raise ValueError(f"dtype casts the column 'x', not in {self.columns}.")
+    self.dtype = None if dtype is None else np.dtype(dtype)
+    self.transform = transform
     if state is not None:
       self.load_state_dict(state)
 
@@ -134,13 +160,31 @@ class BatchIterator:
   def __iter__(self) -> Iterator[dict]:
     return self
 
+  def rng(self, epoch: int, cursor: int) -> np.random.Generator:
+    """The generator the transform gets for the batch starting at ``cursor``.
+
+    Args:
+      epoch: the epoch.
+      cursor: the position of the batch's first example in the epoch.
+
+    Returns:
+      ``np.random.default_rng([seed, epoch, cursor, 0x7A])``.
+    """
+    return np.random.default_rng([self.seed, epoch, cursor, _TRANSFORM_STREAM])
+
   def __next__(self) -> dict:
     if self._order_epoch != self.epoch:
       self._order_epoch, self._order = self.epoch, self.order(self.epoch)
-    index = self._order[self.cursor : self.cursor + self.batch_size]
+    epoch, cursor = self.epoch, self.cursor
+    index = self._order[cursor : cursor + self.batch_size]
     self.cursor += len(index)
     self._normalise()
-    return self.gather(index)
+    batch = self.gather(index)
+    if self.dtype is not None:
+      batch['x'] = batch['x'].astype(self.dtype)
+    if self.transform is not None:
+      batch = self.transform(batch, self.rng(epoch, cursor))
+    return batch
 
   def iter_epoch(self) -> Iterator[dict]:
     """Yields the remaining batches of the current epoch, then stops."""

@@ -13,6 +13,11 @@ on the sample's duration), the bin width here is the same for every sample:
 one time step of the network is one ``dt`` in every sample.
 
 Counts saturate at 255 (``uint8``); ``binary=True`` gives ``bool`` arrays.
+
+Units: times, ``dt`` and ``max_time`` are in seconds here, as in the SHD/SSC
+files. The cells count ``dt`` and time constants in milliseconds;
+:func:`~flax_eprop.data.load` and :func:`~flax_eprop.data.from_hdf5` take
+``dt_ms`` as well, so one millisecond value serves both.
 """
 
 from __future__ import annotations
@@ -75,6 +80,38 @@ def num_bins(max_time: float, dt: float) -> int:
   q = float(max_time) / float(dt)
   tol = float(_snap_tolerance(np.dtype(np.float64), np.asarray(q)))
   return int(round(q)) if abs(q - round(q)) <= tol else math.ceil(q)
+
+
+DEFAULT_DT = 0.01  # s: 10 ms bins
+
+
+def resolve_dt(dt: float | None, dt_ms: float | None) -> float:
+  """The bin width in seconds from ``dt`` (s) or ``dt_ms`` (ms).
+
+  Args:
+    dt: the bin width in seconds, or None.
+    dt_ms: the bin width in milliseconds (the unit of the cells' ``dt``),
+      or None.
+
+  Returns:
+    ``dt``, or ``dt_ms / 1000``, or ``DEFAULT_DT`` (0.01 s) if both are None.
+
+  Examples:
+    >>> resolve_dt(None, 10.0), resolve_dt(0.004, None), resolve_dt(None, None)
+    (0.01, 0.004, 0.01)
+  """
+  if dt is not None and dt_ms is not None:
+    raise ValueError(
+      f'pass dt (seconds) or dt_ms (milliseconds), not both: got dt={dt!r} '
+      f'and dt_ms={dt_ms!r}.'
+    )
+  if dt_ms is not None:
+    if not (np.isfinite(dt_ms) and dt_ms > 0):
+      raise ValueError(
+        f'dt_ms must be a positive number of milliseconds, got {dt_ms!r}.'
+      )
+    return float(dt_ms) / 1000.0
+  return DEFAULT_DT if dt is None else dt
 
 
 def check_binning(

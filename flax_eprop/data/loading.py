@@ -24,7 +24,12 @@ import numpy as np
 from flax_eprop.data import download as remote
 from flax_eprop.data import synthetic
 from flax_eprop.data._deps import require
-from flax_eprop.data.binning import bin_events, check_binning, num_bins
+from flax_eprop.data.binning import (
+  bin_events,
+  check_binning,
+  num_bins,
+  resolve_dt,
+)
 from flax_eprop.data.hdf5 import OnInvalid, SpikeFile
 
 NAMES = ('shd', 'ssc', synthetic.NAME)
@@ -42,7 +47,8 @@ def load(
   name: str,
   split: str = 'train',
   *,
-  dt: float = 0.01,
+  dt: float | None = None,
+  dt_ms: float | None = None,
   max_time: float | None = None,
   pool: int = 1,
   binary: bool = False,
@@ -70,7 +76,10 @@ def load(
     name: ``'shd'``, ``'ssc'`` or ``'synthetic-shd'``.
     split: ``'train'``/``'test'`` (SHD), ``'train'``/``'valid'``/``'test'``
       (SSC, synthetic-shd).
-    dt: the bin width in seconds (0.01 is 10 ms).
+    dt: the bin width in seconds (default 0.01, i.e. 10 ms).
+    dt_ms: the bin width in milliseconds, instead of ``dt``: the unit of
+      the cells' ``dt``, so ``load(..., dt_ms=c.dt)`` and ``fe.ALIF(...,
+      dt=c.dt)`` agree. Same cache as the equal ``dt``.
     max_time: the duration kept, in seconds; later spikes are left out.
       Default: 1.4 (SHD), 1.0 (SSC, synthetic-shd).
     pool: sum this many adjacent channels into one (must divide 700).
@@ -101,6 +110,7 @@ def load(
   """
   if name not in NAMES:
     raise ValueError(f'unknown dataset {name!r}; expected one of {list(NAMES)}')
+  dt = resolve_dt(dt, dt_ms)
   root = remote.resolve_data_dir(data_dir)
   if name == synthetic.NAME:
     path = synthetic.make_synthetic(
@@ -157,7 +167,8 @@ def cache_key(path, **options) -> str:
 def from_hdf5(
   path,
   *,
-  dt: float = 0.01,
+  dt: float | None = None,
+  dt_ms: float | None = None,
   max_time: float = 1.4,
   channels: int = CHANNELS,
   pool: int = 1,
@@ -170,7 +181,9 @@ def from_hdf5(
 
   Args:
     path: the ``.h5`` file.
-    dt: the bin width in seconds.
+    dt: the bin width in seconds (default 0.01).
+    dt_ms: the bin width in milliseconds, instead of ``dt`` (see
+      :func:`load`).
     max_time: the duration kept, in seconds.
     channels: the number of input channels C.
     pool: sum this many adjacent channels into one (must divide C).
@@ -185,6 +198,7 @@ def from_hdf5(
   Raises:
     SpikeFileError: a malformed file or invalid event (naming the sample).
   """
+  dt = resolve_dt(dt, dt_ms)
   check_binning(dt, max_time, channels, pool)
   if on_invalid not in ('raise', 'drop'):
     raise ValueError(

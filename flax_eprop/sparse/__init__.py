@@ -5,8 +5,14 @@ Jacobians with two kinds of structure (Lohoff et al. 2025): w.r.t. the carry
 and per-neuron parameters they are diagonal across neurons (one small block
 per neuron), w.r.t. a synapse kernel ``W`` they are a Kronecker product of a
 postsynaptic and a presynaptic factor. `sparse_jacfwd` finds that structure
-in the step's jaxpr once (`structure`) and computes the factors each step
-with JAX's own forward mode (`numbers`).
+in the step's jaxpr once (`structure`, which asks the locality table `rules`
+what each primitive does to the neuron and batch axes) and computes the
+factors each step with JAX's own forward mode (`factors`).
+
+Public: `sparse_jacfwd`, the Jacobian classes and `NonLocalError`. The
+library's own plumbing stays in its modules: `structure.Plan`,
+`structure.make_plan`, `structure.pure_step`, `factors.step_factors`,
+`factors.kernel_values`, `factors.StepFactors`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Callable, Literal, Sequence
 import jax
 import jax.numpy as jnp
 
-from flax_eprop.sparse.axes import NonLocalError as NonLocalError
+from flax_eprop.sparse.factors import kernel_values, step_factors
 from flax_eprop.sparse.jacobians import (
   CarryJacobian as CarryJacobian,
 )
@@ -30,11 +36,8 @@ from flax_eprop.sparse.jacobians import (
 from flax_eprop.sparse.jacobians import (
   ParamJacobian as ParamJacobian,
 )
-from flax_eprop.sparse.numbers import StepFactors as StepFactors
-from flax_eprop.sparse.numbers import kernel_values as kernel_values
-from flax_eprop.sparse.numbers import step_factors as step_factors
-from flax_eprop.sparse.structure import Plan as Plan
-from flax_eprop.sparse.structure import make_plan as make_plan
+from flax_eprop.sparse.rules import NonLocalError as NonLocalError
+from flax_eprop.sparse.structure import make_plan
 
 Mode = Literal['eprop', 'exact']
 
@@ -81,7 +84,7 @@ def sparse_jacfwd(
       parameter synapse, uses ``jax.custom_vjp``, or has a synapse of an
       unsupported form. The message names the operation and the source line.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp
     >>> import flax_eprop as fe
     >>> def step(params, v, x):
@@ -184,10 +187,5 @@ __all__ = [
   'DenseJacobian',
   'NonLocalError',
   'ParamJacobian',
-  'Plan',
-  'StepFactors',
-  'kernel_values',
-  'make_plan',
   'sparse_jacfwd',
-  'step_factors',
 ]

@@ -28,11 +28,9 @@ _INLINED = {
   'remat2': 'jaxpr',
   'checkpoint': 'jaxpr',
 }
-CUSTOM_JVP = 'custom_jvp_call'
 # Frames in these packages (and the standard library) are never the line of a
 # user's cell that an error should point to, e.g. Flax's Dense.__call__.
 _LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'equinox')
-CUSTOM_VJP = ('custom_vjp_call', 'custom_vjp_call_jaxpr')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +68,6 @@ class Op:
   def name(self) -> str:
     return self.prim.name
 
-  def body(self) -> Program:
-    """The flattened body of a `custom_jvp_call` (its primal function)."""
-    return flatten(self.params['call_jaxpr'])
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Program:
@@ -92,8 +86,17 @@ def trace(fn: Callable, *args) -> tuple[Program, Any, list]:
   return flatten(closed), treedef, leaves
 
 
-def flatten(closed) -> Program:
-  """Inlines nested calls of a `ClosedJaxpr` into one flat `Program`."""
+def flatten(closed, where: str = '') -> Program:
+  """Inlines nested calls of a `ClosedJaxpr` into one flat `Program`.
+
+  Args:
+    closed: a `ClosedJaxpr` or `Jaxpr`.
+    where: the source line of the equation that called ``closed``, if any.
+      An op whose own traceback has no frame outside JAX and Flax (one
+      emitted inside a jitted jax.numpy helper such as ``jnp.roll``) reports
+      the innermost enclosing call's line instead, so an error always names
+      the user's line.
+  """
   counter = iter(range(1 << 62))
   ops: list[Op] = []
   consts: dict[int, Any] = {}
@@ -101,7 +104,7 @@ def flatten(closed) -> Program:
   def new_id(_):
     return next(counter)
 
-  def walk(jaxpr, const_ids, in_ids):
+  def walk(jaxpr, const_ids, in_ids, outer):
     env = dict(zip(jaxpr.constvars, const_ids))
     env.update(zip(jaxpr.invars, in_ids))
 
@@ -113,11 +116,12 @@ def flatten(closed) -> Program:
     for eqn in jaxpr.eqns:
       ins = tuple(read(a) for a in eqn.invars)
       key = _INLINED.get(eqn.primitive.name)
+      here = _where(eqn.source_info, outer)
       if key is not None:
         sub = eqn.params[key]
         sub_jaxpr, sub_consts = _open(sub)
         sub_const_ids = [_const_id(c) for c in sub_consts]
-        outs = walk(sub_jaxpr, sub_const_ids, ins)
+        outs = walk(sub_jaxpr, sub_const_ids, ins, here)
         env.update(zip(eqn.outvars, outs))
         continue
       outs = tuple(new_id(v) for v in eqn.outvars)
@@ -130,7 +134,7 @@ def flatten(closed) -> Program:
           outs=outs,
           in_avals=tuple(_aval(a) for a in eqn.invars),
           out_avals=tuple(v.aval for v in eqn.outvars),
-          where=_where(eqn.source_info),
+          where=here,
           ctx=eqn.ctx,
         )
       )
@@ -144,7 +148,7 @@ def flatten(closed) -> Program:
   jaxpr, top_consts = _open(closed)
   const_ids = [_const_id(c) for c in top_consts]
   invars = tuple(new_id(v) for v in jaxpr.invars)
-  outvars = walk(jaxpr, const_ids, invars)
+  outvars = walk(jaxpr, const_ids, invars, where)
   return Program(tuple(ops), invars, outvars, consts)
 
 
@@ -158,20 +162,27 @@ def _library_dirs() -> tuple[str, ...]:
   return tuple(os.path.join(os.path.realpath(d), '') for d in dirs)
 
 
-def _where(source_info) -> str:
-  """``file:line (function)`` of the innermost frame outside the libraries."""
+def _where(source_info, fallback: str = '') -> str:
+  """``file:line (function)`` of the innermost frame outside the libraries,
+  else ``fallback`` (the line of the enclosing call)."""
   traceback = source_info.traceback
   libraries = _library_dirs()
   for frame in traceback.frames if traceback is not None else ():
     if not os.path.realpath(frame.file_name).startswith(libraries):
       return f'{frame.file_name}:{frame.line_num} ({frame.function_name})'
-  return source_info_util.summarize(source_info)
+  return fallback or source_info_util.summarize(source_info)
 
 
 def _open(jaxpr):
   if isinstance(jaxpr, jex_core.ClosedJaxpr):
     return jaxpr.jaxpr, jaxpr.consts
   return jaxpr, ()
+
+
+def out_avals(jaxpr) -> list:
+  """The abstract values of a (closed) jaxpr's results."""
+  jaxpr, _ = _open(jaxpr)
+  return [_aval(a) for a in jaxpr.outvars]
 
 
 def _aval(atom):

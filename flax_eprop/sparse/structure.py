@@ -14,8 +14,17 @@ axes (``'b'``). From the labels it finds
   (a bias, a learnable ``tau``); they must have shape ``()`` or
   ``(features,)``;
 * *non-local operations*: anything that mixes neurons (or batch rows)
-  outside a synapse. These raise `NonLocalError` naming the op and the line of
-  the user's cell.
+  outside a synapse. Which operations do is decided by one table,
+  `flax_eprop.sparse.rules.RULES`; a primitive it does not know is refused.
+  A refusal is kept with the value it taints and raised when that value
+  reaches a new carry, an output or a synapse: a mixed value whose tangent
+  is cut (``stop_gradient``, a comparison, a cast to an integer) is harmless.
+  These raise `NonLocalError` naming the op and the line of the user's cell.
+
+Parameter-only code (the prelude) is labelled too: the neuron axis of a
+``(features,)`` parameter is followed through it, so a per-neuron parameter
+mixed across neurons (``mean``, ``roll``, ``sort``) is refused when it enters
+the dynamics, while kernel-only code (masks, casts) is free.
 
 No numbers are computed here: the result, a `Plan`, is reused every step.
 """
@@ -30,30 +39,8 @@ import numpy as np
 
 from flax_eprop.sparse import _jaxpr
 from flax_eprop.sparse._jaxpr import Const, Op, Program
-from flax_eprop.sparse.axes import HINT, Label, NonLocalError, out_axes
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Synapse:
-  """A ``dot_general`` of a kernel ``W`` (param-only) with presynaptic ``u``.
-
-  Attributes:
-    op: the ``dot_general`` op.
-    kernel_operand: 0 or 1, which operand is ``W``.
-    kernel_in_axis: the axis of ``W`` that is contracted (its ``in`` axis).
-    pre_in_axis: the axis of ``u`` that is contracted.
-    recurrent: whether ``u`` derives from the carry (dropped by e-prop).
-    in_features: size of the contracted axis.
-    params: the parameter leaves ``W`` is computed from.
-  """
-
-  op: Op
-  kernel_operand: int
-  kernel_in_axis: int
-  pre_in_axis: int
-  recurrent: bool
-  in_features: int
-  params: frozenset
+from flax_eprop.sparse.rules import HINT, NonLocalError
+from flax_eprop.sparse.walk import Label, Synapse, Walk
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -63,13 +50,12 @@ class Plan:
   Attributes:
     program: the flattened step over ``(*param_leaves, *carry_leaves,
       *x_leaves)`` returning ``(*new_carry_leaves, *y_leaves)``.
-    param_def, carry_def, x_def, out_def: tree definitions.
-    num_carry: K, the number of carry leaves; num_out: K + R.
+    param_def, carry_def, out_def: tree definitions.
+    num_carry: K, the number of carry leaves.
     batch_shape, features: carry leaves are ``(*batch_shape, features)``.
     synapses: the synapses in program order.
     direct_params: indices of parameter leaves entering the dynamics
       elementwise (each of shape ``()`` or ``(features,)``).
-    kernel_params: indices of parameter leaves used only through kernels.
     core: carry leaves that need eligibility traces of their own.
     derived: carry leaves that are a function of the core leaves' NEW values
       (and the input) in the same step, like the spike ``z_t = H(v_t -
@@ -82,15 +68,12 @@ class Plan:
   program: Program
   param_def: Any
   carry_def: Any
-  x_def: Any
   out_def: Any
   num_carry: int
-  num_out: int
   batch_shape: tuple
   features: int
   synapses: tuple[Synapse, ...]
   direct_params: tuple[int, ...]
-  kernel_params: tuple[int, ...]
   core: tuple[int, ...]
   derived: tuple[int, ...]
   core_outputs: tuple[int, ...]
@@ -100,6 +83,33 @@ class Plan:
       if s.op is op:
         return i
     return None
+
+  def evaluate(self, p_leaves, c_leaves, x_leaves, rule=None) -> list:
+    """Runs the step on flat leaves: ``(*new_carry, *y)`` leaves.
+
+    Works under any JAX transformation. ``rule(op, values)`` may override
+    ops (see `flax_eprop.sparse._jaxpr.evaluate`).
+    """
+    return _jaxpr.evaluate(
+      self.program, [*p_leaves, *c_leaves, *x_leaves], rule
+    )
+
+
+def pure_step(step: Callable, params, carry, x) -> tuple[Callable, Any]:
+  """``step`` as a function of arrays only, for arguments shaped like
+  ``(params, carry, x)``: ``(pure, out_def)``.
+
+  The step is traced once and its jaxpr re-evaluated on every call, so
+  ``pure(params, carry, x) -> (new_carry, y)`` builds no Flax scope: a
+  custom VJP's backward pass may call it after the module's scopes are gone.
+  """
+  program, out_def, _ = _jaxpr.trace(step, params, carry, x)
+
+  def pure(p, c, x):
+    leaves = [*jax.tree.leaves(p), *jax.tree.leaves(c), *jax.tree.leaves(x)]
+    return jax.tree.unflatten(out_def, _jaxpr.evaluate(program, leaves))
+
+  return pure, out_def
 
 
 def make_plan(step: Callable, params, carry, x) -> Plan:
@@ -120,11 +130,18 @@ def make_plan(step: Callable, params, carry, x) -> Plan:
     flat_step, *p_leaves, *c_leaves, *x_leaves
   )
   neuron = ('b',) * len(batch_shape) + ('n',)
-  labels = [Label('param', params=frozenset([i])) for i in range(n_p)]
+  labels = [
+    Label('param', _param_axes(p, features), frozenset([i]))
+    for i, p in enumerate(p_leaves)
+  ]
   labels += [Label('tracked', neuron, sources=frozenset({'carry'}))] * n_c
   labels += [Label('input')] * len(x_leaves)
-  walk = _Walk(features)
+  walk = Walk(features)
   outs = walk.run(program, labels)
+  outs = [
+    walk.enter(label, out.shape, f'step: output leaf {i}')
+    for i, (label, out) in enumerate(zip(outs, out_shapes))
+  ]
   _check_outputs(outs, out_shapes, n_c, batch_shape, features)
   direct = walk.direct
   both = direct & walk.kernel
@@ -147,15 +164,12 @@ def make_plan(step: Callable, params, carry, x) -> Plan:
     program=program,
     param_def=p_def,
     carry_def=c_def,
-    x_def=x_def,
     out_def=out_def,
     num_carry=n_c,
-    num_out=len(program.outvars),
     batch_shape=batch_shape,
     features=features,
     synapses=tuple(walk.synapses),
     direct_params=tuple(sorted(direct)),
-    kernel_params=tuple(sorted(walk.kernel)),
     core=core,
     derived=derived,
     core_outputs=tuple(program.outvars[i] for i in core) if derived else (),
@@ -208,6 +222,12 @@ def _derived_leaves(program: Program, n_p: int, n_c: int):
   return tuple(core), derived
 
 
+def _param_axes(leaf, features: int) -> tuple:
+  """A ``(features,)`` parameter's axis is the neuron axis; others free."""
+  shape = np.shape(leaf)
+  return ('n',) if shape == (features,) else (None,) * len(shape)
+
+
 def _check_carry(c_leaves):
   if not c_leaves:
     raise ValueError(
@@ -240,7 +260,9 @@ def _check_outputs(labels, out_shapes, n_c, batch_shape, features):
         f'step: every leaf of the {what} must have shape {want} '
         f'(*batch, features); leaf {i} has shape {tuple(shape)}.'
       )
-    if label.kind == 'tracked' and label.axes[-1] != 'n':
+    if label.mixed is not None:
+      raise label.mixed
+    if label.kind == 'tracked' and label.axes[-1:] != ('n',):
       raise NonLocalError(
         f'step: leaf {i} of the {what} does not keep the neuron axis last '
         f'(axis labels {label.axes}). {HINT}'
@@ -255,106 +277,3 @@ def _param_paths(p_def, indices):
     )[0]
   ]
   return ', '.join(paths[i] for i in sorted(indices))
-
-
-class _Walk:
-  """Labels every value of a program (see `Label`) and collects synapses."""
-
-  def __init__(self, features: int, inside: str | None = None):
-    self.features = features
-    self.inside = inside  # name of an enclosing custom_jvp, if any
-    self.synapses: list[Synapse] = []
-    self.direct: set[int] = set()
-    self.kernel: set[int] = set()
-
-  def run(self, program: Program, in_labels) -> list[Label]:
-    env = {i: Label('const') for i in program.consts}
-    env.update(zip(program.invars, in_labels))
-    read = lambda a: Label('const') if isinstance(a, Const) else env[a]
-    for op in program.ops:
-      outs = self.visit(op, [read(a) for a in op.ins])
-      env.update(zip(op.outs, outs))
-    return [read(a) for a in program.outvars]
-
-  def visit(self, op: Op, ins: list[Label]) -> list[Label]:
-    kinds = {label.kind for label in ins}
-    if op.name in _jaxpr.CUSTOM_VJP:
-      raise NonLocalError(
-        f'{op.where}: the cell uses jax.custom_vjp, and forward-mode '
-        'differentiation cannot pass through it. Define spike functions with '
-        'jax.custom_jvp (see flax_eprop.surrogates).'
-      )
-    if kinds <= {'const', 'param'}:  # the parameter-only prelude
-      params = frozenset().union(*(label.params for label in ins))
-      kind = 'param' if params else 'const'
-      return [Label(kind, params=params)] * len(op.outs)
-    if op.name == 'dot_general' and 'param' in kinds:
-      return [self.synapse(op, ins)]
-    if kinds <= {'const', 'input'}:
-      return [Label('input')] * len(op.outs)
-    ins = [self.as_tracked(op, i, label) for i, label in enumerate(ins)]
-    sources = frozenset().union(*(label.sources for label in ins))
-    if op.name == _jaxpr.CUSTOM_JVP:
-      inner = _Walk(self.features, inside=op.params.get('name', 'custom_jvp'))
-      outs = inner.run(op.body(), ins)
-      self.direct |= inner.direct
-      return outs
-    axes = out_axes(op, ins)
-    return [Label('tracked', axes, sources=sources)] * len(op.outs)
-
-  def as_tracked(self, op: Op, i: int, label: Label) -> Label:
-    """A parameter value entering the dynamics becomes a tangent source."""
-    if label.kind != 'param':
-      return label
-    self.direct |= label.params
-    shape = op.in_avals[i].shape
-    if shape and shape[-1] not in (1, self.features):
-      raise NonLocalError(
-        f'{op.where}: `{op.name}` mixes a parameter value of shape {shape} '
-        f'into the neuron dynamics; expected () or (..., {self.features}) '
-        f'with one value per neuron on the last axis. {HINT}'
-      )
-    last = 'n' if shape and shape[-1] == self.features != 1 else None
-    axes = (None,) * (len(shape) - 1) + (last,) if shape else ()
-    return Label('tracked', axes, sources=frozenset({'param'}))
-
-  def synapse(self, op: Op, ins: list[Label]) -> Label:
-    k = 0 if ins[0].kind == 'param' else 1
-    kernel, pre = ins[k], ins[1 - k]
-    (contract, batch) = op.params['dimension_numbers']
-    w_shape = op.in_avals[k].shape
-    if self.inside is not None:
-      raise NonLocalError(
-        f'{op.where}: a synapse (matmul with a parameter) inside the '
-        f'custom_jvp function `{self.inside}` is not supported.'
-      )
-    if len(w_shape) != 2 or len(contract[k]) != 1 or any(batch):
-      raise NonLocalError(
-        f'{op.where}: `dot_general` with a parameter of shape {w_shape} is '
-        'not a synapse of the supported form `u @ W` with W of shape '
-        '(in, features) contracting one axis.'
-      )
-    if pre.kind == 'tracked' and pre.sources - {'carry'}:
-      raise NonLocalError(
-        f'{op.where}: the presynaptic input of this synapse depends on '
-        'another synapse or on a per-neuron/scalar parameter; e-prop supports '
-        'one synapse between the input (or a function of the previous carry) '
-        'and the neurons.'
-      )
-    self.kernel |= kernel.params
-    w_in = contract[k][0]
-    self.synapses.append(
-      Synapse(
-        op=op,
-        kernel_operand=k,
-        kernel_in_axis=w_in,
-        pre_in_axis=contract[1 - k][0],
-        recurrent=pre.kind == 'tracked',
-        in_features=w_shape[w_in],
-        params=kernel.params,
-      )
-    )
-    pre_axes = ['b'] * (len(op.in_avals[1 - k].shape) - 1)
-    w_axes = ['n']
-    axes = pre_axes + w_axes if k == 1 else w_axes + pre_axes
-    return Label('tracked', tuple(axes), sources=frozenset({'synapse'}))

@@ -25,7 +25,64 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from flax_eprop.eligibility import instantaneous_cotangents
+from flax_eprop.online.eprop import instantaneous_cotangents
+
+DEFAULT_MAX_BYTES = 4 * 2**30
+"""The default of ``OnlineGrad.exact_max_bytes``: 4 GiB."""
+
+
+class TraceTooLargeError(ValueError):
+  """``mode='exact'`` would need more memory than the layer allows."""
+
+
+def memory_bytes(params, carry, outputs: int, steps: int, trace_dtype) -> dict:
+  """What one chunk of RTRL holds, in bytes, before it is allocated.
+
+  Args:
+    params: the cell's parameters (P numbers in all).
+    carry: the carry, K leaves ``(*batch, F)``.
+    outputs: R, the number of output leaves ``(*batch, F)``.
+    steps: n, the chunk's number of steps.
+    trace_dtype: dtype of the stored trace.
+
+  Returns:
+    ``{'trace': ..., 'chunk': ..., 'total': ...}``: the stored trace
+    ``(*batch, K F, P)``, and what a chunk adds: each step's Jacobians
+    ``((K + R) F, P)`` twice, the trace in the compute dtype, and the
+    output sensitivities of every step ``(n, *batch, R F, P)`` kept for the
+    backward pass.
+  """
+  leaves = jax.tree.leaves(carry)
+  batch = math.prod(jnp.shape(leaves[0])[:-1])
+  k, f = len(leaves), jnp.shape(leaves[0])[-1]
+  p = sum(math.prod(jnp.shape(a)) for a in jax.tree.leaves(params))
+  compute = jnp.dtype(jnp.result_type(*jax.tree.leaves(params))).itemsize
+  per = batch * f * p  # one (*batch, F, P) block
+  trace = per * k * jnp.dtype(trace_dtype).itemsize
+  chunk = per * compute * (k + 2 * (k + outputs) + steps * outputs)
+  return {'trace': trace, 'chunk': chunk, 'total': trace + chunk}
+
+
+def check_memory(
+  params, carry, outputs, steps, trace_dtype, max_bytes, where
+) -> None:
+  """Raises `TraceTooLargeError` if `memory_bytes` exceeds ``max_bytes``
+  (None: no limit)."""
+  if max_bytes is None:
+    return
+  need = memory_bytes(params, carry, outputs, steps, trace_dtype)
+  if need['total'] <= max_bytes:
+    return
+  gib = lambda b: f'{b / 2**30:.2f} GiB ({b:,} bytes)'
+  raise TraceTooLargeError(
+    f"{where}: mode='exact' would need about {gib(need['total'])}: the "
+    f'dense trace {trace_shape(params, carry)} takes {gib(need["trace"])} '
+    f'and a chunk of {steps} steps {gib(need["chunk"])} more (per-step '
+    'Jacobians and the sensitivities kept for the backward pass). That is '
+    f'above exact_max_bytes={max_bytes:,}. Use fewer features, a smaller '
+    "batch or shorter chunks, mode='eprop', or raise exact_max_bytes "
+    '(None: no check).'
+  )
 
 
 class RTRLResiduals(NamedTuple):
@@ -60,15 +117,15 @@ def _jacobians(step: Callable, params, h_leaves, x_leaves, carry_def):
   batch = h_leaves[0].shape[:-1]
   n, k, f = math.prod(batch), len(h_leaves), h_leaves[0].shape[-1]
 
-  def one(p, h, x):  # one example: h (K F,) -> outputs ((K + R) F,)
+  def one(p, h, x):  # one example: h (K F,) -> outputs ((K + R) F,), twice
     carry = jax.tree.unflatten(carry_def, list(h.reshape(k, f)))
-    return jnp.concatenate(jax.tree.leaves(step(unravel(p), carry, x)))
+    out = jnp.concatenate(jax.tree.leaves(step(unravel(p), carry, x)))
+    return out, out  # the value rides along as jacfwd's aux: one evaluation
 
   h = jnp.stack(h_leaves, axis=-2).reshape(n, k * f)
   xs = [x.reshape(n, *x.shape[len(batch) :]) for x in x_leaves]
-  args = (p_vec, h, xs)
-  out = jax.vmap(one, (None, 0, 0))(*args)
-  j_p, j_h = jax.vmap(jax.jacfwd(one, argnums=(0, 1)), (None, 0, 0))(*args)
+  jac = jax.jacfwd(one, argnums=(0, 1), has_aux=True)
+  (j_p, j_h), out = jax.vmap(jac, (None, 0, 0))(p_vec, h, xs)
   rows = out.shape[-1] // f
   outs = list(jnp.moveaxis(out.reshape(*batch, rows, f), -2, 0))
   return (
@@ -79,7 +136,7 @@ def _jacobians(step: Callable, params, h_leaves, x_leaves, carry_def):
 
 
 def forward(step, params, carry, xs, mask, trace, trace_dtype):
-  """RTRL over a chunk; same contract as `eligibility.forward`, but ``step``
+  """RTRL over a chunk; same contract as `eprop.forward`, but ``step``
   acts on ONE example (carry leaves ``(F,)``) and is vmapped over the batch.
   """
   carry_leaves, carry_def = jax.tree.flatten(carry)

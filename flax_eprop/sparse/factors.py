@@ -1,6 +1,6 @@
-"""Numbers pass: the compressed Jacobians of one step, from JAX's own `jvp`.
+"""The factors of one step's compressed Jacobians, from JAX's own `jvp`.
 
-The step is re-evaluated op by op (`_jaxpr.evaluate`) with two changes at
+The step is re-evaluated op by op (`Plan.evaluate`) with two changes at
 every synapse ``I = u @ W`` found by the structure pass:
 
 * the presynaptic operand ``u`` is wrapped in ``stop_gradient``, which cuts
@@ -30,7 +30,7 @@ from flax_eprop.sparse.structure import Plan
 
 class StepFactors(NamedTuple):
   """Compressed Jacobians of one step; rows are the K new carry leaves, then
-  the R output leaves (``K + R = plan.num_out``).
+  the R output leaves.
 
   Attributes:
     carry: ``(*batch, K + R, K, features)``, row-by-carry-leaf blocks of the
@@ -53,16 +53,15 @@ class StepFactors(NamedTuple):
   derived: jax.Array | None = None
 
 
-def step_factors(plan: Plan, params, carry, x) -> tuple[list, StepFactors]:
-  """Runs one step and returns its flat outputs and `StepFactors`.
-
-  Args:
-    plan: from `structure.make_plan` for the same shapes.
-    params, carry, x: the step's arguments (pytrees as in the plan).
+def linearized(plan: Plan, params, carry, x):
+  """The step linearized at ``(params, carry, x)`` with the probes.
 
   Returns:
-    ``(outs, factors)`` where ``outs`` are the flat ``(*new_carry, *y)``
-    leaves.
+    ``(outs, linear, pres, lanes)``: the flat outputs, the linear map of
+    the probes' tangents (`jax.linearize`), the presynaptic operands and the
+    one-hot lanes (lane ``l`` sets probe ``l``'s tangent to ones; probes:
+    the K carry leaves, the S synapse outputs, the P direct parameters, then
+    the core outputs when some leaf is derived).
   """
   p_leaves = jax.tree.leaves(params)
   c_leaves = jax.tree.leaves(carry)
@@ -100,18 +99,32 @@ def step_factors(plan: Plan, params, carry, x) -> tuple[list, StepFactors]:
         for o, out in zip(op.outs, outs)
       ]
 
-    outs = _jaxpr.evaluate(plan.program, [*leaves, *c_in, *x_leaves], rule)
+    outs = plan.evaluate(leaves, c_in, x_leaves, rule)
     return outs, pres
 
   primals = (c_leaves, deltas, direct, c_probes)
   outs, linear, pres = jax.linearize(core, *primals, has_aux=True)
-  lanes = _lanes(primals)
+  return outs, linear, pres, _lanes(primals)
+
+
+def step_factors(plan: Plan, params, carry, x) -> tuple[list, StepFactors]:
+  """Runs one step and returns its flat outputs and `StepFactors`.
+
+  Args:
+    plan: from `structure.make_plan` for the same shapes.
+    params, carry, x: the step's arguments (pytrees as in the plan).
+
+  Returns:
+    ``(outs, factors)`` where ``outs`` are the flat ``(*new_carry, *y)``
+    leaves.
+  """
+  outs, linear, pres, lanes = linearized(plan, params, carry, x)
   tangents = jax.vmap(linear)(*lanes)  # each leaf (L, *batch, features)
   rows = jnp.moveaxis(jnp.stack(tangents, axis=1), (0, 1), (-2, -3))
   # rows: (*batch, K + R, L, features)
-  k, s, p = plan.num_carry, len(plan.synapses), len(direct)
+  k, s, p = plan.num_carry, len(plan.synapses), len(plan.direct_params)
   derived = None
-  if c_probes:
+  if plan.derived:
     derived = rows[..., jnp.array(plan.derived), k + s + p :, :]
   factors = StepFactors(
     carry=rows[..., :k, :],

@@ -17,13 +17,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_eprop.online.state import resting
+
 FEEDBACK = 'feedback'
 
 
 class RandomFeedback(nn.Module):
   """Sends the learning signal back through a fixed random matrix.
 
-  The wrapped module maps ``x: (*batch, in)`` to ``y: (*batch, out)``. The
+  The wrapped module maps ``x: (*batch, in)`` to ``y: (*batch, out)``, step
+  by step (a ``Dense``, or a leaky readout ``fe.OnlineGrad(fe.LI(out))`` on
+  ``x: (*batch, time, in)``: each step's input gets its own ``y_bar_t
+  B^T``). The
   matrix ``B: (in, out)`` is drawn once at ``init`` (from the ``'params'``
   RNG) and stored in the ``'feedback'`` collection, so it is checkpointed
   with the model state and never trained.
@@ -33,7 +38,7 @@ class RandomFeedback(nn.Module):
     feedback_init: initializer of ``B`` (default: LeCun normal over
       ``out``, the scale of a readout's transposed kernel).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> import flax_eprop as fe
     >>> readout = fe.RandomFeedback(nn.Dense(3))
@@ -60,6 +65,8 @@ class RandomFeedback(nn.Module):
       self.variable(FEEDBACK, 'kernel', self.feedback_init, rng, shape, x.dtype)
       return y
     if not self.has_variable(FEEDBACK, 'kernel'):
+      if resting():  # rest_state: only the layers' state is made
+        return self.module(x)
       raise ValueError(
         f'RandomFeedback {self.name!r}: the {FEEDBACK!r} collection was not '
         "passed; pass the state from init: apply({'params': ..., **state})."
@@ -70,21 +77,20 @@ class RandomFeedback(nn.Module):
         f'RandomFeedback {self.name!r}: input has {x.shape[-1]} features, '
         f'the feedback matrix expects {b.shape[0]}.'
       )
-    return nn.custom_vjp(_apply, _forward, _backward)(self.module, x, b)
+    return route_feedback(self.module, x, b)
 
 
-def _apply(module, x, b):
-  del b
-  return module(x)
+def route_feedback(module: Callable, x: jax.Array, b: jax.Array) -> jax.Array:
+  """``module(x)`` whose input cotangent is ``y_bar @ B^T``.
 
-
-def _forward(module, x, b):
-  y, vjp_fn = nn.vjp(lambda m, x: m(x), module, x)
-  return y, (vjp_fn, b)
-
-
-def _backward(residuals, y_bar):
-  vjp_fn, b = residuals
-  params_bar, _ = vjp_fn(y_bar)
-  x_bar = jnp.einsum('...o,io->...i', y_bar, b.astype(y_bar.dtype))
-  return params_bar, x_bar, jnp.zeros_like(b)
+  ``y = module(sg(x)) + (x @ B - sg(x @ B))``: the added term is exactly
+  zero and its derivative sends ``y_bar @ B^T`` to ``x``; the module's own
+  parameters get their ordinary gradients. Plain autodiff, no custom VJP,
+  so ``module`` may hold other modules (``fe.OnlineGrad(fe.LI(...))``: a
+  leaky readout, one step per time step of ``x: (*batch, time, in)``).
+  """
+  y = module(jax.lax.stop_gradient(x))
+  route = jnp.einsum(
+    '...i,io->...o', x, jax.lax.stop_gradient(b).astype(x.dtype)
+  )
+  return y + (route - jax.lax.stop_gradient(route)).astype(y.dtype)
