@@ -69,7 +69,10 @@ def assert_exact(step, seed=0):
     return [j.todense() for j in jac], ref
 
   actual, expected = both(params, carry, x)
-  assert_trees_close(actual, expected)
+  # absolute tolerance at the leaves' scale: an entry that is small by
+  # cancellation carries the rounding error of its larger terms
+  scale = max(float(jnp.max(jnp.abs(d))) for d in jax.tree.leaves(expected))
+  assert_trees_close(actual, expected, atol=1e-12 * scale)
   assert any(bool(jnp.any(d != 0)) for d in jax.tree.leaves(expected[1]))
 
 
@@ -293,7 +296,7 @@ def test_property_refused_or_exact(names):
 
 
 @pytest.mark.slow
-@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
 @hypothesis.given(names=names_strategy)
 def test_property_refused_or_exact_many(names):
   with jax.enable_x64(True):
