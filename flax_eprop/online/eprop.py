@@ -48,7 +48,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_eprop.online import blocks
-from flax_eprop.sparse.factors import StepFactors, kernel_values, step_factors
+from flax_eprop.sparse.factors import (
+  StepFactors,
+  input_synapse_values,
+  input_synapses,
+  kernel_values,
+  step_factors,
+)
 from flax_eprop.sparse.structure import Plan
 
 
@@ -137,11 +143,17 @@ def forward(
   """
   k = plan.num_carry
   c_leaves = jax.tree.leaves(carry)
+  x_leaves = jax.tree.leaves(xs)
+  # synapses on the input alone: all steps' outputs as one matmul each
+  hoisted = input_synapses(plan)
+  pres, given = jax.vmap(
+    lambda x: input_synapse_values(plan, params, x, hoisted)
+  )(x_leaves)
 
   def body(state, inputs):
     h, coefficients, _ = state
-    x, m = inputs
-    outs, f = step_factors(plan, params, h, x)
+    x, m, outputs = inputs
+    outs, f = step_factors(plan, params, h, x, dict(zip(hoisted, outputs)))
     pat = blocks.resolve(pattern, f.carry.shape[-3], k)
     entries = lambda kind: [
       f.carry[..., r, c, :] for r, c in blocks.entries(pat, kind)
@@ -158,17 +170,21 @@ def forward(
     ]
     return (new_h, coefficients, constants), (ys, f, h)
 
-  x_leaves = jax.tree.leaves(xs)
+  inputs = (x_leaves, mask, given)
   first = jax.eval_shape(
     lambda: body(
-      (c_leaves, traces[3], None), ([a[0] for a in x_leaves], mask[0])
+      (c_leaves, traces[3], None), jax.tree.map(lambda a: a[0], inputs)
     )[0][2]
   )
   start = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)
   # the constant entries leave the scan as its final state: stored once
   (h_end, c_end, constants), (ys, factors, carries) = jax.lax.scan(
-    body, (c_leaves, traces[3], start), (x_leaves, mask)
+    body, (c_leaves, traces[3], start), inputs
   )
+  step_pres = list(factors.pre)
+  for i, u in zip(hoisted, pres):
+    step_pres[i] = u
+  factors = factors._replace(pre=tuple(step_pres))
   if from_rest:
     new_traces = traces
   else:

@@ -15,6 +15,11 @@ probes run as lanes of one vmapped linearization: one primal evaluation plus
 ``K + S + P`` elementwise tangent evaluations (K carry leaves, S synapses, P
 per-neuron/scalar parameters). Custom JVP rules, ``where`` and nested ``jit``
 are differentiated by JAX itself.
+
+A synapse whose presynaptic operand is computed from the parameters and the
+input alone (`input_synapses`, e.g. ``x @ W_in``) does not depend on the
+step's carry: a chunk computes its outputs for all steps at once
+(`input_synapse_values`, one matmul) and each step is given them.
 """
 
 from __future__ import annotations
@@ -53,8 +58,12 @@ class StepFactors(NamedTuple):
   derived: jax.Array | None = None
 
 
-def linearized(plan: Plan, params, carry, x):
+def linearized(plan: Plan, params, carry, x, given=None):
   """The step linearized at ``(params, carry, x)`` with the probes.
+
+  ``given`` maps synapses (`input_synapses`) to their outputs at this step,
+  computed beforehand; their presynaptic operands are then returned as
+  None.
 
   Returns:
     ``(outs, linear, pres, lanes)``: the flat outputs, the linear map of
@@ -63,6 +72,7 @@ def linearized(plan: Plan, params, carry, x):
     the K carry leaves, the S synapse outputs, the P direct parameters, then
     the core outputs when some leaf is derived).
   """
+  given = given or {}
   p_leaves = jax.tree.leaves(params)
   c_leaves = jax.tree.leaves(carry)
   x_leaves = jax.tree.leaves(x)
@@ -83,7 +93,9 @@ def linearized(plan: Plan, params, carry, x):
 
     def rule(op, values):
       s = plan.synapse_of(op)
-      if s is not None:
+      if s is not None and s in given:
+        outs = [given[s] + probes[s]]
+      elif s is not None:
         k = 1 - plan.synapses[s].kernel_operand
         values = list(values)
         values[k] = jax.lax.stop_gradient(values[k])
@@ -107,18 +119,22 @@ def linearized(plan: Plan, params, carry, x):
   return outs, linear, pres, _lanes(primals)
 
 
-def step_factors(plan: Plan, params, carry, x) -> tuple[list, StepFactors]:
+def step_factors(
+  plan: Plan, params, carry, x, given=None
+) -> tuple[list, StepFactors]:
   """Runs one step and returns its flat outputs and `StepFactors`.
 
   Args:
     plan: from `structure.make_plan` for the same shapes.
     params, carry, x: the step's arguments (pytrees as in the plan).
+    given: optional ``{synapse: output}`` for synapses in `input_synapses`
+      (see `linearized`); their ``pre`` factors are None.
 
   Returns:
     ``(outs, factors)`` where ``outs`` are the flat ``(*new_carry, *y)``
     leaves.
   """
-  outs, linear, pres, lanes = linearized(plan, params, carry, x)
+  outs, linear, pres, lanes = linearized(plan, params, carry, x, given)
   tangents = jax.vmap(linear)(*lanes)  # each leaf (L, *batch, features)
   rows = jnp.moveaxis(jnp.stack(tangents, axis=1), (0, 1), (-2, -3))
   # rows: (*batch, K + R, L, features)
@@ -129,7 +145,9 @@ def step_factors(plan: Plan, params, carry, x) -> tuple[list, StepFactors]:
   factors = StepFactors(
     carry=rows[..., :k, :],
     post=tuple(rows[..., k + i, :] for i in range(s)),
-    pre=tuple(_pre(plan, i, u) for i, u in enumerate(pres)),
+    pre=tuple(
+      None if u is None else _pre(plan, i, u) for i, u in enumerate(pres)
+    ),
     direct=tuple(rows[..., k + s + i, :] for i in range(p)),
     derived=derived,
   )
@@ -154,6 +172,59 @@ def _pre(plan: Plan, i: int, u: Any) -> jax.Array:
   """The presynaptic factor as ``(*batch, in)``."""
   u = jnp.moveaxis(u, plan.synapses[i].pre_in_axis, -1)
   return jnp.broadcast_to(u, (*plan.batch_shape, u.shape[-1]))
+
+
+def input_synapses(plan: Plan) -> tuple[int, ...]:
+  """The synapses whose presynaptic operand reads no carry leaf: computed
+  from the parameters and the step's input alone."""
+  n_p = plan.param_def.num_leaves
+  carried = set(plan.program.invars[n_p : n_p + plan.num_carry])
+  for op in plan.program.ops:
+    if any(a in carried for a in op.ins if not isinstance(a, _jaxpr.Const)):
+      carried.update(op.outs)
+  return tuple(
+    i
+    for i, s in enumerate(plan.synapses)
+    if s.op.ins[1 - s.kernel_operand] not in carried
+  )
+
+
+def input_synapse_values(plan: Plan, params, x, which) -> tuple[list, list]:
+  """The presynaptic factors ``(*batch, in)`` and outputs of the synapses
+  ``which`` (all in `input_synapses`) at one step with input ``x``.
+
+  Only the ops these synapses read are evaluated; ``jax.vmap`` over steps
+  turns each synapse into a single matmul.
+  """
+  program = plan.program
+  producer = {o: op for op in program.ops for o in op.outs}
+  needed, todo = set(), [plan.synapses[s].op for s in which]
+  while todo:
+    op = todo.pop()
+    if op in needed:
+      continue
+    needed.add(op)
+    todo.extend(
+      producer[a]
+      for a in op.ins
+      if not isinstance(a, _jaxpr.Const) and a in producer
+    )
+  n_p = plan.param_def.num_leaves
+  env = dict(program.consts)
+  env.update(zip(program.invars[:n_p], jax.tree.leaves(params)))
+  env.update(zip(program.invars[n_p + plan.num_carry :], jax.tree.leaves(x)))
+  read = lambda a: a.value if isinstance(a, _jaxpr.Const) else env[a]
+  for op in program.ops:
+    if op in needed:
+      env.update(zip(op.outs, _jaxpr.bind(op, [read(a) for a in op.ins])))
+  pres, outs = [], []
+  for s in which:
+    op = plan.synapses[s].op
+    pres.append(
+      _pre(plan, s, read(op.ins[1 - plan.synapses[s].kernel_operand]))
+    )
+    outs.append(read(op.outs[0]))
+  return pres, outs
 
 
 def kernel_values(plan: Plan, params) -> list[jax.Array]:
