@@ -63,7 +63,8 @@ class ChunkResiduals(NamedTuple):
 
   Attributes:
     factors: `StepFactors` stacked over the chunk (leading axis ``n``),
-      unmasked; their ``carry`` holds only the entries of the local
+      unmasked, except ``pre``: batch-major ``(*batch, n, in)`` (the
+      layout of the matmuls that read it); their ``carry`` holds only the entries of the local
       Jacobian block that vary from step to step, ``(n, *batch, V, F)``
       (`flax_eprop.sparse.compression.carry_pattern`).
     constants: the block's entries that are the same at every step, each
@@ -146,9 +147,14 @@ def forward(
   x_leaves = jax.tree.leaves(xs)
   # synapses on the input alone: all steps' outputs as one matmul each
   hoisted = input_synapses(plan)
+  # (mapped over batch-major inputs: XLA cancels the caller's move of the
+  # time axis instead of copying the inputs)
+  nb = len(plan.batch_shape)
   pres, given = jax.vmap(
-    lambda x: input_synapse_values(plan, params, x, hoisted)
-  )(x_leaves)
+    lambda x: input_synapse_values(plan, params, x, hoisted),
+    in_axes=nb,
+    out_axes=(nb, 0),
+  )([jnp.moveaxis(x, 0, nb) for x in x_leaves])
 
   def body(state, inputs):
     h, coefficients, _ = state
@@ -181,7 +187,9 @@ def forward(
   (h_end, c_end, constants), (ys, factors, carries) = jax.lax.scan(
     body, (c_leaves, traces[3], start), inputs
   )
-  step_pres = list(factors.pre)
+  step_pres = [
+    None if u is None else jnp.moveaxis(u, 0, nb) for u in factors.pre
+  ]
   for i, u in zip(hoisted, pres):
     step_pres[i] = u
   factors = factors._replace(pre=tuple(step_pres))
@@ -267,16 +275,24 @@ def _propagate(
   for i, (a, u) in enumerate(zip(post_sums, factors.pre)):
     # a: (n, *batch, K', F), Phi_s post_s
     eps = synapse_traces[i]
-    new = blocks.trace(phi_start[..., rows, :, :][..., rows, :], eps)
-    new = new + jnp.einsum('s...if,s...m->...imf', a[..., rows, :], u)
+    # the sum over steps is one contraction over s; the presynaptic rows'
+    # start traces enter it as |S| more terms (cross x ebar)
+    post, pre_values = [a[..., rows, :]], [u]
     if pre:
       ebar = pre_traces[i].astype(phi_start.dtype)
       cross = phi_start[..., rows, :, :][..., pres, :]  # (*b, R, S, F)
-      for j in range(len(pre)):
-        new = new + cross[..., j, None, :] * ebar[..., None, j, :, None]
+      post.append(jnp.moveaxis(cross, -2, 0))
+      pre_values.append(ebar)
+    new = blocks.trace(phi_start[..., rows, :, :][..., rows, :], eps)
+    new = new + jnp.einsum(
+      's...if,...sm->...imf',
+      jnp.concatenate(post),
+      jnp.concatenate(pre_values, axis=-2),
+    )
+    if pre:
       lam = phi_start[..., pres, :, :][..., pres, 0]  # (*batch, S, S)
       bar = jnp.einsum('...ij,...jm->...im', lam, ebar)
-      bar = bar + jnp.einsum('s...i,s...m->...im', a[..., pres, 0], u)
+      bar = bar + jnp.einsum('s...i,...sm->...im', a[..., pres, 0], u)
       new_pre.append(bar.astype(trace_dtype))
     new_synapses.append(new.astype(trace_dtype))
   new_direct = []
@@ -348,7 +364,7 @@ def _param_grads(plan: Plan, pre, res: ChunkResiduals, g, lam0):
   for i, (s, post, u) in enumerate(
     zip(plan.synapses, res.factors.post, res.factors.pre)
   ):
-    c = jnp.sum(g * post, axis=-2)  # (n, *batch, F)
+    c = jnp.moveaxis(jnp.sum(g * post, axis=-2), 0, -2)  # (*batch, n, F)
     # sum over steps and batch rows as one (n * batch) matmul
     grad = u.reshape(-1, u.shape[-1]).T @ c.reshape(-1, c.shape[-1])
     if lam0 is not None:
