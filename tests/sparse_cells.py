@@ -61,12 +61,17 @@ class CubaState(NamedTuple):
 
 class CubaLIF(nn.RNNCellBase):
   """``i_t = kappa i + x W_in + z W_rec``; ``v_t = alpha v + (1-alpha) i_t
-  - sg(z)``; ``z_t = H(v_t - 1)`` (triangle surrogate)."""
+  - sg(z)``; ``z_t = H(v_t - 1)`` (triangle surrogate).
+
+  ``output``: ``'z'`` the spike, ``'v'`` the potential (both the new value
+  of a carry leaf), or ``'smooth'`` ``z * softplus(v)`` (no carry leaf's).
+  """
 
   features: int
   recurrent: bool = True
   tau_syn: float = 5.0
   tau_mem: float = 10.0
+  output: str = 'z'
 
   @nn.compact
   def __call__(self, carry: CubaState, x):
@@ -78,7 +83,8 @@ class CubaLIF(nn.RNNCellBase):
       i = i + rec(carry.z)
     v = alpha * carry.v + (1 - alpha) * i - sg(carry.z)
     z = fe.surrogates.triangle(v - 1.0)
-    return CubaState(i, v, z), z
+    outputs = {'z': z, 'v': v, 'smooth': z * jax.nn.softplus(v)}
+    return CubaState(i, v, z), outputs[self.output]
 
   @nn.nowrap
   def initialize_carry(self, rng, input_shape):

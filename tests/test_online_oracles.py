@@ -225,18 +225,35 @@ def alif_learnable(dtype):
 CUSTOM = {
   # a synaptic current state (K = 3), recurrent, input bias
   'cuba': functools.partial(CubaLIF, FEATURES, recurrent=True),
+  # outputs the potential (a carry leaf that is not the spike), or a value
+  # that is no carry leaf's
+  'cuba_v': functools.partial(CubaLIF, FEATURES, output='v'),
+  'cuba_smooth': functools.partial(CubaLIF, FEATURES, output='smooth'),
   # learnable per-neuron tau_mem and bias, reset not detached, recurrent
   'tau': functools.partial(TauLIF, FEATURES, recurrent=True),
   # fe.ALIF with learnable tau_mem, tau_adapt and a bias
   'alif_tau': alif_learnable(F64),
 }
-CUSTOM_INPUT_SCALE = {'cuba': 0.3, 'tau': 1.0, 'alif_tau': 1.0}
+# the spikes behind a layer output that is not the spike (H(v - 1))
+SPIKES_OF_OUTPUT = {
+  'cuba_v': lambda v: v > 1.0,
+  'cuba_smooth': lambda y: y != 0,
+}
+CUSTOM_INPUT_SCALE = {
+  'cuba': 0.3,
+  'cuba_v': 0.3,
+  'cuba_smooth': 0.3,
+  'tau': 1.0,
+  'alif_tau': 1.0,
+}
 
 
 @pytest.mark.parametrize(
   'name',
   [
     'cuba',
+    'cuba_v',
+    'cuba_smooth',
     pytest.param('tau', marks=pytest.mark.slow),
     pytest.param('alif_tau', marks=pytest.mark.slow),
   ],
@@ -253,8 +270,8 @@ def test_custom_cell_equals_stop_gradient_bptt(x64, name):
     scale = CUSTOM_INPUT_SCALE[name]
     params['cell0']['input']['kernel'] = scale * DRIVE(k, kernel.shape, F64)
     (loss, _), grads, _ = f(params, state, xs, labels)
-    (ref_loss, spikes), ref_grads = ref(params, xs, labels)
-    assert_spiking(spikes[0])
+    (ref_loss, outputs), ref_grads = ref(params, xs, labels)
+    assert_spiking(SPIKES_OF_OUTPUT.get(name, lambda z: z)(outputs[0]))
     assert_all_nonzero(ref_grads)
     assert_trees_close(loss, ref_loss)
     assert_trees_close(grads, ref_grads)

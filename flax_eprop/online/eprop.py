@@ -160,7 +160,8 @@ def forward(
     h, coefficients, _ = state
     x, m, outputs = inputs
     outs, f = step_factors(plan, params, h, x, dict(zip(hoisted, outputs)))
-    pat = blocks.resolve(pattern, f.carry.shape[-3], k)
+    f = _kept_factors(plan, f)
+    pat = _kept_pattern(plan, pattern)
     entries = lambda kind: [
       f.carry[..., r, c, :] for r, c in blocks.entries(pat, kind)
     ]
@@ -208,6 +209,29 @@ def forward(
   return ys, jax.tree.unflatten(plan.carry_def, h_end), new_traces, residuals
 
 
+def _kept_rows(plan: Plan) -> list:
+  """The factor rows that are stored: the K new carry leaves and the outputs
+  that are not one of them (an alias has its carry leaf's row)."""
+  aliases = plan.output_aliases()
+  k = plan.num_carry
+  return list(range(k)) + [k + r for r, j in enumerate(aliases) if j is None]
+
+
+def _kept_factors(plan: Plan, f: StepFactors) -> StepFactors:
+  rows = _index(_kept_rows(plan))
+  return f._replace(
+    carry=f.carry[..., rows, :, :],
+    post=tuple(p[..., rows, :] for p in f.post),
+    direct=tuple(d[..., rows, :] for d in f.direct),
+  )
+
+
+def _kept_pattern(plan: Plan, pattern) -> tuple:
+  k = plan.num_carry
+  pattern = blocks.resolve(pattern, k + len(plan.output_aliases()), k)
+  return tuple(pattern[r] for r in _kept_rows(plan))
+
+
 def _mask_factors(f: StepFactors, m) -> StepFactors:
   """A padded step adds nothing (its identity block: `blocks.block`)."""
   zero = lambda a: jnp.where(m[..., None, None], a, 0)
@@ -243,7 +267,7 @@ def _propagate(
   k = plan.num_carry
   core = _index(plan.core)
   vary = factors.carry  # (n, *batch, V, F)
-  pattern = blocks.resolve(pattern, vary.shape[-2] // k, k)
+  pattern = _kept_pattern(plan, pattern)
   batch, f = vary.shape[1:-2], vary.shape[-1]
   eye = jnp.eye(k, dtype=vary.dtype)[core, :, None]  # (K', K, 1)
   phi_end = jnp.broadcast_to(eye, (*batch, len(core), k, f))
@@ -333,12 +357,21 @@ def backward(
   ys_bar = [jnp.where(valid, y, 0) for y in ys_bar]
   y_rows = jnp.stack(ys_bar, axis=-2)  # (n, *batch, R, F)
   vary = res.factors.carry  # (n, *batch, V, F)
-  pattern = blocks.resolve(pattern, vary.shape[-2] // k, k)
+  pattern = _kept_pattern(plan, pattern)
+  aliases = plan.output_aliases()
 
   def back(lam, inputs):
     v, m, y = inputs
     block = blocks.block(pattern, v, res.constants, m)
-    g = jnp.concatenate([lam, y.astype(lam.dtype)], axis=-2)
+    # an output that is a carry leaf adds its cotangent to that leaf's row
+    rows = [lam[..., j, :] for j in range(k)]
+    for r, j in enumerate(aliases):
+      y_r = y[..., r, :].astype(lam.dtype)
+      if j is None:
+        rows.append(y_r)
+      else:
+        rows[j] = rows[j] + y_r
+    g = jnp.stack(rows, axis=-2)
     return blocks.compact_rmatvec(block, g), g
 
   lam0 = jnp.zeros(vary.shape[1:-2] + (k, vary.shape[-1]), vary.dtype)

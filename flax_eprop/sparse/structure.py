@@ -84,6 +84,16 @@ class Plan:
         return i
     return None
 
+  def output_aliases(self) -> list:
+    """Per output leaf, the carry leaf whose new value it is (LIF's spike
+    is both), or None."""
+    ids = [None if isinstance(o, Const) else o for o in self.program.outvars]
+    carry = ids[: self.num_carry]
+    return [
+      carry.index(i) if i is not None and i in carry else None
+      for i in ids[self.num_carry :]
+    ]
+
   def evaluate(self, p_leaves, c_leaves, x_leaves, rule=None) -> list:
     """Runs the step on flat leaves: ``(*new_carry, *y)`` leaves.
 
