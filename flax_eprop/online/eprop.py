@@ -218,11 +218,11 @@ def _kept_rows(plan: Plan) -> list:
 
 
 def _kept_factors(plan: Plan, f: StepFactors) -> StepFactors:
-  rows = _index(_kept_rows(plan))
+  rows = tuple(_kept_rows(plan))
   return f._replace(
-    carry=f.carry[..., rows, :, :],
-    post=tuple(p[..., rows, :] for p in f.post),
-    direct=tuple(d[..., rows, :] for d in f.direct),
+    carry=_select(f.carry, rows, axis=-3),
+    post=tuple(_select(p, rows) for p in f.post),
+    direct=tuple(_select(d, rows) for d in f.direct),
   )
 
 
@@ -281,27 +281,30 @@ def _propagate(
     v, m, posts, directs = inputs
     d = blocks.block(pattern[:k], v, constants, m)
     a = [blocks.matvec(phi, post[..., :k, :]) for post in posts]
+    # per-synapse rows in full; presynaptic rows: feature 0 stands for all
+    a = [(_select(x, rows), _select(x, pres)[..., 0]) for x in a]
     sums = [
       t + blocks.matvec(phi, w[..., :k, :]) for t, w in zip(sums, directs)
     ]
     return (blocks.compact_matmul(phi, d), sums), a
 
+  rows, pres = _rows(plan, pre), tuple(pre)
   (phi_total, direct_sum), post_sums = jax.lax.scan(
     back, (phi_end, direct_sum),
     (vary, mask, factors.post, factors.direct), reverse=True,
   )  # fmt: skip
   synapse_traces, pre_traces, direct_traces, coefficients = traces
-  rows, pres = _index(_rows(plan, pre)), _index(pre)
+  rows, pres = _index(rows), _index(pres)
   phi_start = blocks.matmul(
     phi_total, _expand(plan, coefficients, phi_total)
   )  # (*batch, K', K', F)
   new_synapses, new_pre = [], []
-  for i, (a, u) in enumerate(zip(post_sums, factors.pre)):
-    # a: (n, *batch, K', F), Phi_s post_s
+  for i, ((a, a_pre), u) in enumerate(zip(post_sums, factors.pre)):
+    # Phi_s post_s: a (n, *batch, K' - |S|, F), a_pre (n, *batch, |S|)
     eps = synapse_traces[i]
     # the sum over steps is one contraction over s; the presynaptic rows'
     # start traces enter it as |S| more terms (cross x ebar)
-    post, pre_values = [a[..., rows, :]], [u]
+    post, pre_values = [a], [u]
     if pre:
       ebar = pre_traces[i].astype(phi_start.dtype)
       cross = phi_start[..., rows, :, :][..., pres, :]  # (*b, R, S, F)
@@ -316,7 +319,7 @@ def _propagate(
     if pre:
       lam = phi_start[..., pres, :, :][..., pres, 0]  # (*batch, S, S)
       bar = jnp.einsum('...ij,...jm->...im', lam, ebar)
-      bar = bar + jnp.einsum('s...i,...sm->...im', a[..., pres, 0], u)
+      bar = bar + jnp.einsum('s...i,...sm->...im', a_pre, u)
       new_pre.append(bar.astype(trace_dtype))
     new_synapses.append(new.astype(trace_dtype))
   new_direct = []
@@ -329,6 +332,17 @@ def _propagate(
 def _rows(plan: Plan, pre) -> tuple[int, ...]:
   """Positions in ``plan.core`` that keep per-synapse traces."""
   return tuple(p for p in range(len(plan.core)) if p not in pre)
+
+
+def _select(a, positions: tuple, axis: int = -2):
+  """``a[..., positions, :]`` for static positions, as slices (no gather)."""
+  axis = axis % a.ndim
+  start = positions[0] if positions else 0
+  if positions == tuple(range(start, start + len(positions))):
+    return jax.lax.slice_in_dim(a, start, start + len(positions), axis=axis)
+  return jnp.concatenate(
+    [jax.lax.slice_in_dim(a, p, p + 1, axis=axis) for p in positions], axis
+  )
 
 
 def _index(positions) -> np.ndarray:
