@@ -65,6 +65,10 @@ class CubaLIF(nn.RNNCellBase):
 
   ``output``: ``'z'`` the spike, ``'v'`` the potential (both the new value
   of a carry leaf), or ``'smooth'`` ``z * softplus(v)`` (no carry leaf's).
+  ``spike_current``: the spike reads ``v_t + spike_current * i_t`` (two new
+  values, one reading the other: the spike cannot be derived).
+  ``detach_reset=False``: the reset ``- z_{t-1}`` keeps its derivative
+  (then the spike's trace enters the others').
   """
 
   features: int
@@ -72,6 +76,8 @@ class CubaLIF(nn.RNNCellBase):
   tau_syn: float = 5.0
   tau_mem: float = 10.0
   output: str = 'z'
+  spike_current: float = 0.0
+  detach_reset: bool = True
 
   @nn.compact
   def __call__(self, carry: CubaState, x):
@@ -81,8 +87,10 @@ class CubaLIF(nn.RNNCellBase):
     if self.recurrent:
       rec = nn.Dense(self.features, use_bias=False, name=RECURRENT)
       i = i + rec(carry.z)
-    v = alpha * carry.v + (1 - alpha) * i - sg(carry.z)
-    z = fe.surrogates.triangle(v - 1.0)
+    reset = sg(carry.z) if self.detach_reset else carry.z
+    v = alpha * carry.v + (1 - alpha) * i - reset
+    drive = v + self.spike_current * i if self.spike_current else v
+    z = fe.surrogates.triangle(drive - 1.0)
     outputs = {'z': z, 'v': v, 'smooth': z * jax.nn.softplus(v)}
     return CubaState(i, v, z), outputs[self.output]
 

@@ -84,6 +84,14 @@ CELLS = {
   'lif_reset_not_detached': (_lif(detach_reset=False), ()),
   'alif': (fe.ALIF(F, kernel_init=KERNEL, param_dtype=jnp.float64), (0,)),
   'current_based_lif': (CubaLIF(F), (0, 1)),
+  'current_based_lif_reset_not_detached': (
+    CubaLIF(F, detach_reset=False),
+    (0,),
+  ),
+  'spike_of_current_and_v': (
+    CubaLIF(F, spike_current=0.2, detach_reset=False),
+    (0,),
+  ),
   'two_compartments': (TwoCompartmentLIF(F), (0, 1)),
   'coupled_per_neuron': (CoupledLIF(F), ()),
 }
@@ -231,6 +239,26 @@ def test_layouts_equal_dense_reference(name, compress, key, x64, monkeypatch):
     if trace_name == 'recurrent/kernel':  # fe cells mask diag(W_rec) in W
       a, b = np.asarray(a) * OFF_DIAGONAL, np.asarray(b) * OFF_DIAGONAL
     _assert_close(a, b, trace_name)
+
+
+@pytest.mark.parametrize(
+  ('name', 'core', 'derived'),
+  [
+    ('lif', (0,), (1,)),
+    ('alif', (0, 1), (2,)),
+    # z_t = H(v_t - 1) with v_t reading i_t: z is derived through v_t alone
+    ('current_based_lif', (0, 1), (2,)),
+    ('current_based_lif_reset_not_detached', (0, 1), (2,)),
+    # z_t reads i_t and v_t, and v_t reads i_t: nothing is derived
+    ('spike_of_current_and_v', (0, 1, 2), ()),
+  ],
+)
+def test_derived_leaves(name, core, derived, key, x64):
+  cell = CELLS[name][0]
+  xs, _ = _data(key)
+  _, params, state = _init(cell, key, xs)
+  plan, _ = _plan_and_pre(cell, params['cell'], state['carry']['state'], xs)
+  assert (plan.core, plan.derived) == (core, derived)
 
 
 @pytest.mark.parametrize('name', ['lif_tau_per_neuron', 'alif'])

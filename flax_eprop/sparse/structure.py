@@ -61,8 +61,10 @@ class Plan:
       (and the input) in the same step, like the spike ``z_t = H(v_t -
       A_t)``: their traces are ``C_t`` times the core traces, with ``C_t``
       the per-neuron derivative (DESIGN.md, "Derived components").
-    core_outputs: the program ids of the core leaves' new values (where the
-      numbers pass probes ``C_t``); empty when nothing is derived.
+    core_outputs: per core leaf, the program id of its new value where the
+      numbers pass probes ``C_t``, or None for a core leaf no derived leaf
+      reads directly (its column of ``C_t`` is zero); empty when nothing
+      is derived.
   """
 
   program: Program
@@ -169,7 +171,7 @@ def make_plan(step: Callable, params, carry, x) -> Plan:
         'neuron dynamics outside a synapse; expected shape () or '
         f'({features},) (one value per neuron). {HINT}'
       )
-  core, derived = _derived_leaves(program, n_p, n_c)
+  core, derived, probed = _derived_leaves(program, n_p, n_c)
   return Plan(
     program=program,
     param_def=p_def,
@@ -182,17 +184,25 @@ def make_plan(step: Callable, params, carry, x) -> Plan:
     direct_params=tuple(sorted(direct)),
     core=core,
     derived=derived,
-    core_outputs=tuple(program.outvars[i] for i in core) if derived else (),
+    core_outputs=tuple(
+      program.outvars[i] if i in probed else None for i in core
+    )
+    if derived
+    else (),
   )
 
 
 def _derived_leaves(program: Program, n_p: int, n_c: int):
-  """Splits the carry leaves into (core, derived); see `Plan`.
+  """Splits the carry leaves into (core, derived, probed); see `Plan`.
 
   A new-carry leaf is derived when its computation, cut at the new values of
-  the other (core) leaves, reads no previous carry and no parameter. The
-  split is only used when no core leaf's new value reads another's (then the
-  probes at the core values give partial derivatives).
+  the other (core) leaves, reads no previous carry and no parameter. Its
+  coefficients ``C`` are the partial derivatives w.r.t. the core values it
+  reads directly (``probed``): a probe at each of those values gives them
+  when none of these values reads another (a current-based LIF's ``v_t``
+  reads ``i_t``, but its spike reads ``v_t`` alone). Otherwise a probe
+  would also count a path through another core value: then nothing is
+  derived.
   """
   producer = {o: op for op in program.ops for o in op.outs}
   roots = set(program.invars[: n_p + n_c])  # params and previous carry
@@ -221,15 +231,17 @@ def _derived_leaves(program: Program, n_p: int, n_c: int):
     stops = {outs[j] for j in core if j != i and outs[j] is not None}
     if stops and not (reads(o, stops) - stops) & roots:
       core.remove(i)
-  core_ids = {outs[j] for j in core if outs[j] is not None}
-  if any(
-    reads(outs[j], set()) & (core_ids - {outs[j]})
-    for j in core
-    if outs[j] is not None
-  ):
-    return tuple(range(n_c)), ()
   derived = tuple(i for i in range(n_c) if i not in core)
-  return tuple(core), derived
+  core_ids = {outs[j] for j in core if outs[j] is not None}
+  read = set()  # core values a derived leaf reads directly
+  for i in derived:
+    read |= reads(outs[i], core_ids) & core_ids
+  probed = tuple(j for j in core if outs[j] in read)
+  if any(
+    reads(outs[j], set()) & (read - {outs[j]}) for j in probed
+  ):  # fmt: skip
+    return tuple(range(n_c)), (), ()
+  return tuple(core), derived, probed
 
 
 def _param_axes(leaf, features: int) -> tuple:
