@@ -64,9 +64,9 @@ class ChunkResiduals(NamedTuple):
   Attributes:
     factors: `StepFactors` stacked over the chunk (leading axis ``n``),
       unmasked, except ``pre``: batch-major ``(*batch, n, in)`` (the
-      layout of the matmuls that read it); their ``carry`` holds only the entries of the local
-      Jacobian block that vary from step to step, ``(n, *batch, V, F)``
-      (`flax_eprop.sparse.compression.carry_pattern`).
+      layout of the matmuls that read it); their ``carry`` holds only the
+      entries of the local Jacobian block that vary from step to step,
+      ``(n, *batch, V, F)`` (`flax_eprop.sparse.compression.carry_pattern`).
     constants: the block's entries that are the same at every step, each
       ``(*batch, F)``.
     carries: the carry leaves before each step, each ``(n, *batch, F)``.
@@ -150,11 +150,13 @@ def forward(
   # (mapped over batch-major inputs: XLA cancels the caller's move of the
   # time axis instead of copying the inputs)
   nb = len(plan.batch_shape)
-  pres, given = jax.vmap(
-    lambda x: input_synapse_values(plan, params, x, hoisted),
-    in_axes=nb,
-    out_axes=(nb, 0),
-  )([jnp.moveaxis(x, 0, nb) for x in x_leaves])
+  pres, given = [], []
+  if hoisted:
+    pres, given = jax.vmap(
+      lambda x: input_synapse_values(plan, params, x, hoisted),
+      in_axes=nb,
+      out_axes=(nb, 0),
+    )([jnp.moveaxis(x, 0, nb) for x in x_leaves])
 
   def body(state, inputs):
     h, coefficients, _ = state
